@@ -1,0 +1,298 @@
+//! The web chat body → normalized message.
+
+use serde_json::{Map, Value};
+use switchboard_channel::{ChannelRef, NormalizedMessage, Sender};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+/// Longest accepted `message_id`.
+const MAX_ID_LEN: usize = 200;
+
+/// A body that cannot become a message, naming the field at fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConvertError {
+    #[error("the body is not valid JSON: {0}")]
+    Json(String),
+    #[error("the body must be a JSON object")]
+    NotObject,
+    #[error("`{field}` {problem}")]
+    Field { field: String, problem: String },
+}
+
+impl ConvertError {
+    /// The field the sender must fix (`body` when it is the whole document).
+    pub fn field(&self) -> &str {
+        match self {
+            ConvertError::Json(_) | ConvertError::NotObject => "body",
+            ConvertError::Field { field, .. } => field,
+        }
+    }
+
+    fn invalid(field: &str, problem: impl Into<String>) -> Self {
+        ConvertError::Field {
+            field: field.to_owned(),
+            problem: problem.into(),
+        }
+    }
+}
+
+const TOP_LEVEL_FIELDS: &[&str] = &[
+    "message_id",
+    "customer",
+    "text",
+    "subject",
+    "thread_key",
+    "attributes",
+    "metadata",
+];
+const CUSTOMER_FIELDS: &[&str] = &["id", "email", "phone", "name"];
+
+/// Parses and validates a web chat body.
+pub fn convert(channel: &ChannelRef, body: &[u8]) -> Result<NormalizedMessage, ConvertError> {
+    let value: Value =
+        serde_json::from_slice(body).map_err(|error| ConvertError::Json(error.to_string()))?;
+    let Value::Object(object) = value else {
+        return Err(ConvertError::NotObject);
+    };
+    reject_unknown(&object, TOP_LEVEL_FIELDS, "")?;
+
+    let external_id = match object.get("message_id") {
+        None | Some(Value::Null) => Uuid::new_v4().to_string(),
+        Some(Value::String(id)) if id.trim().is_empty() => {
+            return Err(ConvertError::invalid("message_id", "must not be empty"));
+        }
+        Some(Value::String(id)) if id.len() > MAX_ID_LEN => {
+            return Err(ConvertError::invalid(
+                "message_id",
+                format!("is longer than {MAX_ID_LEN} characters"),
+            ));
+        }
+        Some(Value::String(id)) => id.clone(),
+        Some(_) => return Err(ConvertError::invalid("message_id", "must be a string")),
+    };
+
+    let text = match object.get("text") {
+        None | Some(Value::Null) => return Err(ConvertError::invalid("text", "is required")),
+        Some(Value::String(text)) if text.trim().is_empty() => {
+            return Err(ConvertError::invalid("text", "must not be empty"));
+        }
+        Some(Value::String(text)) => text.clone(),
+        Some(_) => return Err(ConvertError::invalid("text", "must be a string")),
+    };
+    let subject = optional_string(&object, "subject")?;
+    let thread_key = optional_string(&object, "thread_key")?;
+
+    let customer = match object.get("customer") {
+        Some(Value::Object(customer)) => customer,
+        None | Some(Value::Null) => return Err(ConvertError::invalid("customer", "is required")),
+        Some(_) => return Err(ConvertError::invalid("customer", "must be an object")),
+    };
+    reject_unknown(customer, CUSTOMER_FIELDS, "customer.")?;
+    let visitor_id = optional_string(customer, "id")
+        .map_err(|_| ConvertError::invalid("customer.id", "must be a string"))?;
+    let email = optional_string(customer, "email")
+        .map_err(|_| ConvertError::invalid("customer.email", "must be a string"))?
+        .map(|email| normalize_email(&email))
+        .transpose()?;
+    let phone = optional_string(customer, "phone")
+        .map_err(|_| ConvertError::invalid("customer.phone", "must be a string"))?
+        .map(|phone| normalize_phone(&phone))
+        .transpose()?;
+    let name = optional_string(customer, "name")
+        .map_err(|_| ConvertError::invalid("customer.name", "must be a string"))?;
+
+    let mut identities = Vec::new();
+    if let Some(id) = visitor_id.as_ref().filter(|id| !id.trim().is_empty()) {
+        identities.push(("webchat", id.trim().to_owned()));
+    }
+    if let Some(email) = email {
+        identities.push(("email", email));
+    }
+    if let Some(phone) = phone {
+        identities.push(("phone", phone));
+    }
+    let Some((kind, address)) = identities.first().cloned() else {
+        return Err(ConvertError::invalid(
+            "customer",
+            "needs at least one of `id`, `email`, `phone`",
+        ));
+    };
+
+    let mut metadata = match object.get("metadata") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(metadata)) => metadata.clone(),
+        Some(_) => return Err(ConvertError::invalid("metadata", "must be an object")),
+    };
+    match object.get("attributes") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(attributes)) => {
+            metadata.insert("attributes".into(), Value::Object(attributes.clone()));
+        }
+        Some(_) => return Err(ConvertError::invalid("attributes", "must be an object")),
+    }
+    metadata.insert(
+        "identities".into(),
+        Value::Array(
+            identities
+                .iter()
+                .map(|(kind, address)| serde_json::json!({"kind": kind, "address": address}))
+                .collect(),
+        ),
+    );
+
+    Ok(NormalizedMessage {
+        message_id: NormalizedMessage::stable_id(&channel.id, &external_id),
+        channel: channel.clone(),
+        external_id,
+        thread_key,
+        sender: Sender {
+            kind: kind.to_owned(),
+            address,
+            name,
+        },
+        subject,
+        text,
+        attachments: Vec::new(),
+        received_at: OffsetDateTime::now_utc(),
+        auto_submitted: false,
+        metadata,
+    })
+}
+
+fn reject_unknown(
+    object: &Map<String, Value>,
+    known: &[&str],
+    prefix: &str,
+) -> Result<(), ConvertError> {
+    match object.keys().find(|key| !known.contains(&key.as_str())) {
+        Some(key) => Err(ConvertError::invalid(
+            &format!("{prefix}{key}"),
+            format!("is not a known field (expected one of {})", known.join(", ")),
+        )),
+        None => Ok(()),
+    }
+}
+
+fn optional_string(object: &Map<String, Value>, field: &str) -> Result<Option<String>, ConvertError> {
+    match object.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(value)) => Ok(Some(value.clone())),
+        Some(_) => Err(ConvertError::invalid(field, "must be a string")),
+    }
+}
+
+fn normalize_email(email: &str) -> Result<String, ConvertError> {
+    let email = email.trim().to_lowercase();
+    match email.split_once('@') {
+        Some((local, domain))
+            if !local.is_empty() && domain.contains('.') && !domain.contains('@') =>
+        {
+            Ok(email)
+        }
+        _ => Err(ConvertError::invalid(
+            "customer.email",
+            "is not an email address",
+        )),
+    }
+}
+
+/// Accepts `+` followed by 7–15 digits, ignoring spaces, dashes, dots and parentheses.
+fn normalize_phone(phone: &str) -> Result<String, ConvertError> {
+    let compact: String = phone
+        .chars()
+        .filter(|c| !matches!(c, ' ' | '-' | '.' | '(' | ')'))
+        .collect();
+    let digits = compact.strip_prefix('+').unwrap_or("");
+    if (7..=15).contains(&digits.len())
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && !digits.starts_with('0')
+    {
+        Ok(compact)
+    } else {
+        Err(ConvertError::invalid(
+            "customer.phone",
+            "must be an E.164 number such as +15551234567",
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn channel() -> ChannelRef {
+        ChannelRef {
+            id: "chat".into(),
+            kind: "webchat".into(),
+        }
+    }
+
+    fn field_of(body: &str) -> String {
+        convert(&channel(), body.as_bytes())
+            .expect_err("should be refused")
+            .field()
+            .to_owned()
+    }
+
+    #[test]
+    fn converts_the_design_example() {
+        let body = include_str!("../tests/fixtures/design-example.json");
+        let message = convert(&channel(), body.as_bytes()).unwrap();
+        assert_eq!(message.external_id, "m-1");
+        assert_eq!(message.message_id, NormalizedMessage::stable_id("chat", "m-1"));
+        assert_eq!(message.sender.kind, "webchat");
+        assert_eq!(message.sender.address, "visitor-123");
+        assert_eq!(message.sender.name.as_deref(), Some("Dana"));
+        assert_eq!(message.text, "Hi, where is my invoice?");
+        assert_eq!(message.metadata["attributes"]["plan"], "pro");
+        assert_eq!(
+            message.metadata["identities"],
+            serde_json::json!([
+                {"kind": "webchat", "address": "visitor-123"},
+                {"kind": "email", "address": "dana@example.com"},
+                {"kind": "phone", "address": "+15551234567"}
+            ])
+        );
+    }
+
+    #[test]
+    fn sender_falls_back_to_email_then_phone() {
+        let m = convert(
+            &channel(),
+            br#"{"customer": {"email": " Dana@Example.COM "}, "text": "hi"}"#,
+        )
+        .unwrap();
+        assert_eq!((m.sender.kind.as_str(), m.sender.address.as_str()), ("email", "dana@example.com"));
+        let m = convert(
+            &channel(),
+            br#"{"customer": {"phone": "+1 (555) 123-4567"}, "text": "hi"}"#,
+        )
+        .unwrap();
+        assert_eq!((m.sender.kind.as_str(), m.sender.address.as_str()), ("phone", "+15551234567"));
+    }
+
+    #[test]
+    fn refuses_bad_bodies_naming_the_field() {
+        assert_eq!(field_of("{"), "body");
+        assert_eq!(field_of("[]"), "body");
+        assert_eq!(field_of(r#"{"customer": {"id": "v"}}"#), "text");
+        assert_eq!(field_of(r#"{"customer": {"id": "v"}, "text": "  "}"#), "text");
+        assert_eq!(field_of(r#"{"customer": {"id": "v"}, "text": 3}"#), "text");
+        assert_eq!(field_of(r#"{"text": "hi"}"#), "customer");
+        assert_eq!(field_of(r#"{"customer": {}, "text": "hi"}"#), "customer");
+        assert_eq!(field_of(r#"{"customer": {"email": "nope"}, "text": "hi"}"#), "customer.email");
+        assert_eq!(field_of(r#"{"customer": {"phone": "555"}, "text": "hi"}"#), "customer.phone");
+        assert_eq!(field_of(r#"{"customer": {"id": "v", "mail": "x"}, "text": "hi"}"#), "customer.mail");
+        assert_eq!(field_of(r#"{"customer": {"id": "v"}, "text": "hi", "txt": 1}"#), "txt");
+        assert_eq!(field_of(r#"{"customer": {"id": "v"}, "text": "hi", "message_id": ""}"#), "message_id");
+        assert_eq!(field_of(r#"{"customer": {"id": "v"}, "text": "hi", "attributes": []}"#), "attributes");
+    }
+
+    #[test]
+    fn without_message_id_each_post_is_a_new_message() {
+        let body = br#"{"customer": {"id": "v"}, "text": "hi"}"#;
+        let a = convert(&channel(), body).unwrap();
+        let b = convert(&channel(), body).unwrap();
+        assert_ne!(a.message_id, b.message_id);
+    }
+}

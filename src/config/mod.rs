@@ -1,0 +1,281 @@
+//! The daemon's configuration: a TOML file, `SWITCHBOARD__SECTION__KEY` environment overrides
+//! and `${VAR}` interpolation. Loading is pure ([`load`]) and reports every problem it can find
+//! with the file, line and key; connecting to anything happens later, in `app`.
+//!
+//! The doc comments on these fields are the user documentation: `deploy/switchboard.example.toml`
+//! repeats them.
+
+mod load;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use load::{Loaded, Problem, Problems, load, load_text};
+
+/// Where the configuration file is looked for when `-c` is not given, in order.
+pub const DEFAULT_PATHS: &[&str] = &["switchboard.toml", "/etc/switchboard/switchboard.toml"];
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    pub bus: BusConfig,
+    pub store: StoreConfig,
+    pub http: HttpConfig,
+    pub routing: RoutingConfig,
+    pub daemon: DaemonConfig,
+    pub log: LogConfig,
+    pub channels: Vec<ChannelConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct BusConfig {
+    /// AMQP URL of RabbitMQ, e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`. Absent: the embedded
+    /// durable bus inside the store (single-node mode).
+    pub url: Option<String>,
+    /// Prefix of every exchange and queue name.
+    pub prefix: String,
+    /// How many unacknowledged messages a consumer holds at once.
+    pub prefetch: u16,
+    /// How long a webhook waits for the broker's confirm before answering 503.
+    #[serde(with = "duration")]
+    pub confirm_timeout: Duration,
+    /// Deliveries of one router message before it is dead-lettered as poison.
+    pub delivery_limit: u32,
+}
+
+impl Default for BusConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            prefix: "switchboard".to_owned(),
+            prefetch: 128,
+            confirm_timeout: Duration::from_secs(5),
+            delivery_limit: 20,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StoreConfig {
+    /// `sqlite://PATH` (created if missing) or, later, `postgres://…`.
+    pub url: String,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            url: "sqlite://switchboard.db".to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct HttpConfig {
+    /// Address the webhook, health, metrics and API server listens on.
+    pub listen: SocketAddr,
+    /// Bearer token for `/api/v1`. Absent: the API answers 401 to everyone.
+    pub admin_token: Option<String>,
+    /// Largest accepted webhook body, in bytes (a channel may lower or raise it).
+    pub max_body_bytes: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin_token: None,
+            max_body_bytes: 256 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RoutingConfig {
+    /// Directory of routing rule files (`*.toml`, loaded in lexical order). Relative paths are
+    /// taken from the directory of the config file.
+    pub rules: PathBuf,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self {
+            rules: PathBuf::from("routing-rules"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DaemonConfig {
+    /// On SIGTERM/SIGINT, how long in-flight work may take to finish before the daemon exits.
+    #[serde(with = "duration")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        Self {
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LogConfig {
+    /// `tracing` filter, e.g. `info` or `switchboard=debug,lapin=warn`. `RUST_LOG` wins.
+    pub level: String,
+    /// `text` for people, `json` for log pipelines.
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".to_owned(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// One `[[channels]]` entry: an adapter instance.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChannelConfig {
+    /// Instance id: the webhook path `/webhooks/{id}`, the AMQP routing key and the store key.
+    pub id: String,
+    /// Adapter kind: `webchat`, …
+    pub kind: String,
+    /// Overrides `[http] max_body_bytes` for this channel.
+    #[serde(default)]
+    pub max_body_bytes: Option<usize>,
+    /// The adapter's own keys (see the adapter's documentation).
+    #[serde(flatten)]
+    pub options: toml::Table,
+}
+
+impl Config {
+    /// Pure checks of values that deserialized fine; every problem as `(key path, message)`.
+    /// Adapter keys are checked by `channels::validate`.
+    pub fn validate(&self) -> Vec<(String, String)> {
+        let mut problems = Vec::new();
+        if let Some(url) = &self.bus.url
+            && !(url.starts_with("amqp://") || url.starts_with("amqps://"))
+        {
+            problems.push((
+                "bus.url".to_owned(),
+                "must start with amqp:// or amqps://".to_owned(),
+            ));
+        }
+        let prefix_ok = !self.bus.prefix.is_empty()
+            && self
+                .bus
+                .prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !prefix_ok {
+            problems.push((
+                "bus.prefix".to_owned(),
+                "must be non-empty ASCII letters, digits, '-', '_' or '.'".to_owned(),
+            ));
+        }
+        if self.bus.prefetch == 0 {
+            problems.push(("bus.prefetch".to_owned(), "must be at least 1".to_owned()));
+        }
+        if self.bus.delivery_limit == 0 {
+            problems.push((
+                "bus.delivery_limit".to_owned(),
+                "must be at least 1".to_owned(),
+            ));
+        }
+        if !(self.store.url.starts_with("sqlite:") || self.store.url.starts_with("postgres")) {
+            problems.push((
+                "store.url".to_owned(),
+                "must be sqlite://PATH or postgres://…".to_owned(),
+            ));
+        }
+        if matches!(&self.http.admin_token, Some(token) if token.len() < 16) {
+            problems.push((
+                "http.admin_token".to_owned(),
+                "is shorter than 16 characters: use a long random token".to_owned(),
+            ));
+        }
+        if self.http.max_body_bytes == 0 {
+            problems.push((
+                "http.max_body_bytes".to_owned(),
+                "must be at least 1".to_owned(),
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (index, channel) in self.channels.iter().enumerate() {
+            let valid_id = !channel.id.is_empty()
+                && channel
+                    .id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'));
+            if !valid_id {
+                problems.push((
+                    format!("channels.{index}.id"),
+                    "must be non-empty ASCII letters, digits, '-' or '_'".to_owned(),
+                ));
+            }
+            if !seen.insert(channel.id.as_str()) {
+                problems.push((
+                    format!("channels.{index}.id"),
+                    format!("`{}` is used by another channel", channel.id),
+                ));
+            }
+            if channel.max_body_bytes == Some(0) {
+                problems.push((
+                    format!("channels.{index}.max_body_bytes"),
+                    "must be at least 1".to_owned(),
+                ));
+            }
+        }
+        problems
+    }
+
+    /// The rules directory, resolved against the config file's directory.
+    pub fn rules_dir(&self, config_dir: Option<&Path>) -> PathBuf {
+        match config_dir {
+            Some(dir) if self.routing.rules.is_relative() => dir.join(&self.routing.rules),
+            _ => self.routing.rules.clone(),
+        }
+    }
+}
+
+/// Durations written as `"10s"`, `"15m"`, `"1h 30m"`.
+pub mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&humantime::format_duration(*value).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        humantime::parse_duration(&text).map_err(|error| {
+            serde::de::Error::custom(format!(
+                "`{text}` is not a duration like \"10s\" or \"15m\": {error}"
+            ))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;
