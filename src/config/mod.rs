@@ -5,7 +5,7 @@
 //! The doc comments on these fields are the user documentation: `deploy/switchboard.example.toml`
 //! repeats them.
 
-mod load;
+pub(crate) mod load;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,365 @@
+//! The pure routing decision: message + customer + conversation + rules → queue, urgency and the
+//! explanation. No I/O here, so it is tested exhaustively and explained for free.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use serde_json::{Map, Value, json};
+use switchboard_channel::NormalizedMessage;
+
+use super::rules::{Queue, RuleSet};
+
+/// What the router knows of the customer when deciding.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CustomerView {
+    pub id: String,
+    pub attributes: Map<String, Value>,
+    pub identities: Vec<Identity>,
+    pub contacts_last_24h: u32,
+    pub open_conversations: u32,
+    pub previous_agent: Option<String>,
+    pub channels_used: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Identity {
+    pub kind: String,
+    pub address: String,
+}
+
+/// What the router knows of the conversation when deciding.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ConversationView {
+    pub id: String,
+    /// True when this message opens the conversation.
+    pub new: bool,
+    /// Seconds since the conversation opened.
+    pub age: i64,
+    /// Messages before this one.
+    pub message_count: u32,
+}
+
+/// Signals computed from the message text.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Signals {
+    /// Detected language (ISO 639-1), empty when unknown.
+    pub language: String,
+    pub language_confidence: f64,
+    /// −1 (angry) … 1 (happy); 0 when unknown.
+    pub sentiment: f64,
+    pub urgent_keywords: Vec<String>,
+    /// Share of letters that are upper case, 0–1.
+    pub caps_ratio: f64,
+    pub exclamations: u32,
+    pub attachments: u32,
+}
+
+impl Signals {
+    /// The signals that need no model: shape of the text and attachments.
+    pub fn from_message(message: &NormalizedMessage) -> Self {
+        let (letters, upper) = message
+            .text
+            .chars()
+            .filter(|c| c.is_alphabetic())
+            .fold((0u32, 0u32), |(l, u), c| (l + 1, u + u32::from(c.is_uppercase())));
+        Signals {
+            caps_ratio: if letters == 0 {
+                0.0
+            } else {
+                f64::from(upper) / f64::from(letters)
+            },
+            exclamations: message.text.matches('!').count().try_into().unwrap_or(u32::MAX),
+            attachments: message.attachments.len().try_into().unwrap_or(u32::MAX),
+            ..Signals::default()
+        }
+    }
+}
+
+/// Everything the decision reads.
+pub struct Input<'a> {
+    pub message: &'a NormalizedMessage,
+    pub customer: &'a CustomerView,
+    pub conversation: &'a ConversationView,
+    pub signals: &'a Signals,
+}
+
+/// The routing decision with its explanation.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Decision {
+    pub queue: String,
+    pub urgency: u8,
+    pub priority: u8,
+    pub skills: Vec<String>,
+    pub tags: Vec<String>,
+    pub language: Option<String>,
+    pub explanation: Explanation,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Explanation {
+    /// Rules that matched, in evaluation order.
+    pub rules: Vec<RuleEffect>,
+    /// Ids of rules evaluated that did not match.
+    pub not_matched: Vec<String>,
+    /// Rules whose `when` failed to evaluate (counted as not matched).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<RuleError>,
+    /// Every urgency term (`rule:<id>`), and `total` after clamping to 0–100.
+    pub urgency: BTreeMap<String, i64>,
+    /// Per queue: `eligible` or why it was rejected.
+    pub skill_match: BTreeMap<String, String>,
+    /// Why the chosen queue was chosen.
+    pub queue_reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RuleEffect {
+    pub id: String,
+    pub file: String,
+    pub line: usize,
+    pub effect: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RuleError {
+    pub id: String,
+    pub file: String,
+    pub line: usize,
+    pub error: String,
+}
+
+/// Urgency → AMQP priority: `urgency / 10`, at most 9.
+pub fn priority_of(urgency: u8) -> u8 {
+    (urgency / 10).min(9)
+}
+
+/// Decides where a message goes. `load` gives a queue's current load (waiting assignments),
+/// used to break ties between equally good queues.
+pub fn decide(rules: &RuleSet, input: &Input<'_>, load: &dyn Fn(&str) -> u64) -> Decision {
+    let mut explanation = Explanation::default();
+    let mut urgency_sum: i64 = 0;
+    let mut required: Vec<String> = Vec::new();
+    let mut tags: Vec<String> = Vec::new();
+    let mut route_to: Option<(String, String)> = None;
+
+    let variables = cel_variables(input);
+    let root = cel::Context::with_env(rules.env.clone());
+    let mut scope = root.new_inner_scope();
+    for (name, value) in variables {
+        scope.add_variable_from_value(name, value);
+    }
+
+    for rule in &rules.rules {
+        let matched = match &rule.when {
+            None => Ok(true),
+            Some(program) => match program.execute(&scope) {
+                Ok(cel::Value::Bool(matched)) => Ok(matched),
+                Ok(other) => Err(format!("`when` must give true or false, gave {other:?}")),
+                Err(error) => Err(error.to_string()),
+            },
+        };
+        match matched {
+            Ok(true) => {}
+            Ok(false) => {
+                explanation.not_matched.push(rule.id.clone());
+                continue;
+            }
+            Err(error) => {
+                explanation.errors.push(RuleError {
+                    id: rule.id.clone(),
+                    file: rule.file.clone(),
+                    line: rule.line,
+                    error,
+                });
+                explanation.not_matched.push(rule.id.clone());
+                continue;
+            }
+        }
+        let mut effects = Vec::new();
+        if rule.urgency != 0 {
+            urgency_sum = urgency_sum.saturating_add(rule.urgency);
+            explanation
+                .urgency
+                .insert(format!("rule:{}", rule.id), rule.urgency);
+            effects.push(format!("urgency {:+}", rule.urgency));
+        }
+        for skill in &rule.require_skills {
+            if !required.contains(skill) {
+                required.push(skill.clone());
+            }
+        }
+        if !rule.require_skills.is_empty() {
+            effects.push(format!("requires {}", rule.require_skills.join(", ")));
+        }
+        if let Some(target) = &rule.route_to {
+            if route_to.is_none() {
+                route_to = Some((target.clone(), rule.id.clone()));
+                effects.push(format!("route to {target}"));
+            } else {
+                effects.push(format!("route to {target} (ignored: an earlier rule routed)"));
+            }
+        }
+        for tag in &rule.tags {
+            if !tags.contains(tag) {
+                tags.push(tag.clone());
+            }
+        }
+        if !rule.tags.is_empty() {
+            effects.push(format!("tags {}", rule.tags.join(", ")));
+        }
+        if rule.stop {
+            effects.push("stop".to_owned());
+        }
+        explanation.rules.push(RuleEffect {
+            id: rule.id.clone(),
+            file: rule.file.clone(),
+            line: rule.line,
+            effect: if effects.is_empty() {
+                "matched".to_owned()
+            } else {
+                effects.join("; ")
+            },
+        });
+        if rule.stop {
+            break;
+        }
+    }
+
+    let urgency = u8::try_from(urgency_sum.clamp(0, 100)).unwrap_or(100);
+    explanation.urgency.insert("total".to_owned(), i64::from(urgency));
+    let language = Some(input.signals.language.clone()).filter(|l| !l.is_empty());
+
+    let queue = match route_to {
+        Some((target, rule_id)) => {
+            explanation.queue_reason = format!("hard route by rule `{rule_id}`");
+            target
+        }
+        None => choose_queue(rules, &required, language.as_deref(), load, &mut explanation),
+    };
+
+    Decision {
+        queue,
+        urgency,
+        priority: priority_of(urgency),
+        skills: required,
+        tags,
+        language,
+        explanation,
+    }
+}
+
+/// Among queues serving the language (checked first) and covering the required skills: the
+/// closest skill match, then the lighter load, then file order. Nothing eligible → the default.
+fn choose_queue(
+    rules: &RuleSet,
+    required: &[String],
+    language: Option<&str>,
+    load: &dyn Fn(&str) -> u64,
+    explanation: &mut Explanation,
+) -> String {
+    let mut eligible: Vec<(usize, &Queue)> = Vec::new();
+    for queue in &rules.queues {
+        let verdict = if let Some(language) = language
+            && !serves_language(queue, language)
+        {
+            format!("rejected: does not serve language {language}")
+        } else if let Some(missing) = required.iter().find(|s| !queue.skills.contains(s)) {
+            format!("rejected: lacks skill {missing}")
+        } else {
+            let extra = queue.skills.len() - required.len().min(queue.skills.len());
+            eligible.push((extra, queue));
+            "eligible".to_owned()
+        };
+        explanation.skill_match.insert(queue.name.clone(), verdict);
+    }
+
+    let default = rules.default_queue();
+    if required.is_empty() && eligible.iter().any(|(_, q)| q.default) {
+        explanation.queue_reason = "no skill required: the default queue".to_owned();
+        return default.name.clone();
+    }
+    let best = eligible
+        .iter()
+        .min_by_key(|(extra, queue)| (*extra, load(&queue.name)));
+    match best {
+        Some((_, queue)) => {
+            let ties = eligible
+                .iter()
+                .filter(|(extra, _)| Some(*extra) == best.map(|b| b.0))
+                .count();
+            explanation.queue_reason = if required.is_empty() {
+                format!("no skill required; `{}` serves the language", queue.name)
+            } else if ties > 1 {
+                format!(
+                    "closest skill match for {}; lightest load of {ties} equal queues",
+                    required.join(", ")
+                )
+            } else {
+                format!("closest skill match for {}", required.join(", "))
+            };
+            queue.name.clone()
+        }
+        None => {
+            explanation.queue_reason = format!(
+                "no queue is eligible (skills: {}; language: {}): the default queue",
+                if required.is_empty() { "none".to_owned() } else { required.join(", ") },
+                language.unwrap_or("unknown")
+            );
+            default.name.clone()
+        }
+    }
+}
+
+fn serves_language(queue: &Queue, language: &str) -> bool {
+    queue.languages.iter().any(|l| l == "*" || l == language)
+}
+
+/// The CEL variables: `message`, `customer`, `conversation`, `signals`.
+fn cel_variables(input: &Input<'_>) -> [(&'static str, cel::Value); 4] {
+    let m = input.message;
+    let message = json!({
+        "channel": m.channel.kind,
+        "channel_id": m.channel.id,
+        "kind": m.sender.kind,
+        "sender": m.sender.address,
+        "sender_name": m.sender.name.clone().unwrap_or_default(),
+        "text": m.text,
+        "subject": m.subject.clone().unwrap_or_default(),
+        "attachments": m.attachments,
+        "auto_submitted": m.auto_submitted,
+        "metadata": m.metadata,
+    });
+    [
+        ("message", to_cel(&message)),
+        ("customer", to_cel(&serde_json::to_value(input.customer).unwrap_or_default())),
+        (
+            "conversation",
+            to_cel(&serde_json::to_value(input.conversation).unwrap_or_default()),
+        ),
+        ("signals", to_cel(&serde_json::to_value(input.signals).unwrap_or_default())),
+    ]
+}
+
+/// JSON → CEL value. Numbers that are whole become `int` so `urgency > 3` works on either.
+fn to_cel(value: &Value) -> cel::Value {
+    match value {
+        Value::Null => cel::Value::Null,
+        Value::Bool(b) => cel::Value::Bool(*b),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => cel::Value::Int(i),
+            None => cel::Value::Float(n.as_f64().unwrap_or_default()),
+        },
+        Value::String(s) => cel::Value::String(s.clone().into()),
+        Value::Array(items) => cel::Value::List(items.iter().map(to_cel).collect::<Vec<_>>().into()),
+        Value::Object(map) => {
+            let map: std::collections::HashMap<cel::objects::Key, cel::Value> = map
+                .iter()
+                .map(|(k, v)| (cel::objects::Key::String(k.clone().into()), to_cel(v)))
+                .collect();
+            cel::Value::Map(map.into())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

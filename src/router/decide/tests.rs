@@ -1,0 +1,290 @@
+use serde_json::json;
+use switchboard_channel::{ChannelRef, NormalizedMessage, Sender};
+use time::OffsetDateTime;
+
+use super::*;
+use crate::router::rules::RuleSet;
+
+const QUEUES: &str = r#"
+[[queue]]
+name = "general"
+default = true
+languages = ["*"]
+
+[[queue]]
+name = "billing"
+skills = ["billing"]
+languages = ["en", "de"]
+
+[[queue]]
+name = "billing-vip"
+skills = ["billing", "vip"]
+languages = ["en"]
+
+[[queue]]
+name = "billing-2"
+skills = ["billing"]
+languages = ["en"]
+
+[[queue]]
+name = "escalations"
+skills = ["legal"]
+"#;
+
+fn set(rules: &str) -> RuleSet {
+    RuleSet::from_sources(&[("q.toml".into(), QUEUES.into()), ("r.toml".into(), rules.into())])
+        .unwrap_or_else(|d| panic!("{d}"))
+}
+
+fn message(text: &str) -> NormalizedMessage {
+    NormalizedMessage {
+        message_id: NormalizedMessage::stable_id("chat", text),
+        channel: ChannelRef { id: "chat".into(), kind: "webchat".into() },
+        external_id: text.into(),
+        thread_key: None,
+        sender: Sender { kind: "email".into(), address: "dana@example.com".into(), name: None },
+        subject: None,
+        text: text.into(),
+        attachments: vec![],
+        received_at: OffsetDateTime::UNIX_EPOCH,
+        auto_submitted: false,
+        metadata: Default::default(),
+    }
+}
+
+struct Case {
+    message: NormalizedMessage,
+    customer: CustomerView,
+    conversation: ConversationView,
+    signals: Signals,
+}
+
+impl Case {
+    fn new(text: &str) -> Self {
+        let message = message(text);
+        let signals = Signals::from_message(&message);
+        Case { message, customer: CustomerView::default(), conversation: ConversationView::default(), signals }
+    }
+
+    fn tier(mut self, tier: &str) -> Self {
+        self.customer.attributes.insert("tier".into(), json!(tier));
+        self
+    }
+
+    fn decide(&self, rules: &RuleSet) -> Decision {
+        self.decide_with_load(rules, &|_| 0)
+    }
+
+    fn decide_with_load(&self, rules: &RuleSet, load: &dyn Fn(&str) -> u64) -> Decision {
+        let input = Input {
+            message: &self.message,
+            customer: &self.customer,
+            conversation: &self.conversation,
+            signals: &self.signals,
+        };
+        decide(rules, &input, load)
+    }
+}
+
+#[test]
+fn no_rules_routes_to_default_with_zero_urgency() {
+    let d = Case::new("hello").decide(&set(""));
+    assert_eq!(d.queue, "general");
+    assert_eq!((d.urgency, d.priority), (0, 0));
+    assert_eq!(d.explanation.urgency["total"], 0);
+    assert!(d.explanation.queue_reason.contains("default"));
+}
+
+#[test]
+fn matching_rule_requires_skill_and_adds_urgency() {
+    let rules = set(r#"
+[[rule]]
+id = "refunds"
+when = 'message.text.matches("(?i)refund")'
+require_skills = ["billing"]
+urgency = 10
+tags = ["money"]
+"#);
+    let d = Case::new("I want a REFUND").decide(&rules);
+    assert_eq!(d.queue, "billing", "{:?}", d.explanation);
+    assert_eq!(d.urgency, 10);
+    assert_eq!(d.priority, 1);
+    assert_eq!(d.skills, vec!["billing"]);
+    assert_eq!(d.tags, vec!["money"]);
+    assert_eq!(d.explanation.rules.len(), 1);
+    assert_eq!(d.explanation.rules[0].id, "refunds");
+    assert_eq!(d.explanation.rules[0].file, "r.toml");
+    assert_eq!(d.explanation.rules[0].line, 2);
+    assert!(d.explanation.rules[0].effect.contains("urgency +10"));
+    assert_eq!(d.explanation.urgency["rule:refunds"], 10);
+    assert_eq!(d.explanation.skill_match["escalations"], "rejected: lacks skill billing");
+
+    let d = Case::new("hello").decide(&rules);
+    assert_eq!(d.queue, "general");
+    assert_eq!(d.explanation.not_matched, vec!["refunds"]);
+}
+
+#[test]
+fn rule_without_when_always_matches() {
+    let d = Case::new("x").decide(&set("[[rule]]\nid = \"base\"\nurgency = 5\n"));
+    assert_eq!(d.urgency, 5);
+}
+
+#[test]
+fn urgency_sums_and_clamps() {
+    let rules = set(r#"
+[[rule]]
+id = "a"
+urgency = 70
+[[rule]]
+id = "b"
+urgency = 60
+"#);
+    let d = Case::new("x").decide(&rules);
+    assert_eq!(d.urgency, 100);
+    assert_eq!(d.priority, 9, "priority is capped at 9");
+    assert_eq!(d.explanation.urgency["rule:a"], 70);
+    assert_eq!(d.explanation.urgency["total"], 100);
+
+    let d = Case::new("x").decide(&set("[[rule]]\nid = \"calm\"\nurgency = -20\n"));
+    assert_eq!((d.urgency, d.priority), (0, 0), "negative sums clamp to 0");
+}
+
+#[test]
+fn priority_is_urgency_over_ten() {
+    assert_eq!(priority_of(0), 0);
+    assert_eq!(priority_of(9), 0);
+    assert_eq!(priority_of(10), 1);
+    assert_eq!(priority_of(55), 5);
+    assert_eq!(priority_of(99), 9);
+    assert_eq!(priority_of(100), 9);
+}
+
+#[test]
+fn customer_attributes_are_visible_to_cel() {
+    let rules = set(r#"
+[[rule]]
+id = "vip"
+when = 'has(customer.attributes.tier) && customer.attributes.tier == "vip"'
+urgency = 30
+"#);
+    assert_eq!(Case::new("x").tier("vip").decide(&rules).urgency, 30);
+    assert_eq!(Case::new("x").tier("basic").decide(&rules).urgency, 0);
+    assert_eq!(Case::new("x").decide(&rules).urgency, 0);
+}
+
+#[test]
+fn route_to_is_a_hard_route_and_first_one_wins() {
+    let rules = set(r#"
+[[rule]]
+id = "legal"
+when = 'message.text.contains("lawyer")'
+route_to = "escalations"
+urgency = 50
+[[rule]]
+id = "also-billing"
+when = 'message.text.contains("lawyer")'
+route_to = "billing"
+require_skills = ["billing"]
+"#);
+    let d = Case::new("my lawyer will call").decide(&rules);
+    assert_eq!(d.queue, "escalations");
+    assert_eq!(d.explanation.queue_reason, "hard route by rule `legal`");
+    assert!(d.explanation.rules[1].effect.contains("ignored"));
+}
+
+#[test]
+fn stop_ends_evaluation() {
+    let rules = set(r#"
+[[rule]]
+id = "first"
+urgency = 10
+stop = true
+[[rule]]
+id = "second"
+urgency = 10
+"#);
+    let d = Case::new("x").decide(&rules);
+    assert_eq!(d.urgency, 10);
+    assert_eq!(d.explanation.rules.len(), 1);
+    assert!(d.explanation.not_matched.is_empty(), "`second` was never evaluated");
+}
+
+#[test]
+fn closest_skill_match_wins_then_lighter_load() {
+    let rules = set("[[rule]]\nid = \"b\"\nrequire_skills = [\"billing\"]\n");
+    // billing, billing-2 have no extra skill; billing-vip has one. Equal load: file order.
+    assert_eq!(Case::new("x").decide(&rules).queue, "billing");
+    let d = Case::new("x").decide_with_load(&rules, &|q| if q == "billing" { 5 } else { 1 });
+    assert_eq!(d.queue, "billing-2");
+    assert!(d.explanation.queue_reason.contains("lightest load of 2"), "{}", d.explanation.queue_reason);
+
+    let rules = set("[[rule]]\nid = \"v\"\nrequire_skills = [\"billing\", \"vip\"]\n");
+    assert_eq!(Case::new("x").decide(&rules).queue, "billing-vip");
+}
+
+#[test]
+fn language_is_checked_before_skills() {
+    let rules = set("[[rule]]\nid = \"b\"\nrequire_skills = [\"billing\"]\n");
+    let mut case = Case::new("x");
+    case.signals.language = "de".into();
+    let d = case.decide(&rules);
+    assert_eq!(d.queue, "billing", "only `billing` serves German");
+    assert_eq!(d.explanation.skill_match["billing-2"], "rejected: does not serve language de");
+    assert_eq!(d.language.as_deref(), Some("de"));
+
+    case.signals.language = "fr".into();
+    let d = case.decide(&rules);
+    assert_eq!(d.queue, "general", "no French billing queue: default");
+    assert!(d.explanation.queue_reason.contains("no queue is eligible"), "{}", d.explanation.queue_reason);
+}
+
+#[test]
+fn evaluation_errors_count_as_not_matched_and_are_explained() {
+    let rules = set(r#"
+[[rule]]
+id = "broken"
+when = 'customer.attributes.tier == "vip"'
+urgency = 30
+[[rule]]
+id = "not-bool"
+when = '1 + 1'
+"#);
+    let d = Case::new("x").decide(&rules);
+    assert_eq!(d.urgency, 0);
+    assert_eq!(d.explanation.errors.len(), 2);
+    assert_eq!(d.explanation.errors[0].id, "broken");
+    assert!(d.explanation.errors[1].error.contains("true or false"));
+}
+
+#[test]
+fn signals_and_message_fields_are_visible_to_cel() {
+    let rules = set(r#"
+[[rule]]
+id = "shouting"
+when = 'signals.caps_ratio > 0.5 && signals.exclamations >= 2'
+urgency = 15
+[[rule]]
+id = "email-sender"
+when = 'message.kind == "email" && message.channel == "webchat" && message.sender.endsWith("@example.com")'
+urgency = 1
+[[rule]]
+id = "returning"
+when = 'conversation.new == false && conversation.message_count > 2'
+urgency = 2
+"#);
+    let mut case = Case::new("WHERE IS MY ORDER!!");
+    let d = case.decide(&rules);
+    assert_eq!(d.urgency, 16, "{:?}", d.explanation);
+    case.conversation.message_count = 3;
+    assert_eq!(case.decide(&rules).urgency, 18);
+    assert_eq!(Case::new("where is my order").decide(&rules).urgency, 1);
+}
+
+#[test]
+fn signals_from_message_text() {
+    let s = Signals::from_message(&message("HELP me!!!"));
+    assert!((s.caps_ratio - 4.0 / 6.0).abs() < 1e-9);
+    assert_eq!(s.exclamations, 3);
+    assert_eq!(Signals::from_message(&message("123")).caps_ratio, 0.0);
+}

@@ -1,0 +1,518 @@
+//! Routing rule files: `[[queue]]`, `[[rule]]` (CEL `when`) and `[[test]]` tables in the `*.toml`
+//! files of one directory, loaded in lexical order into an immutable, validated [`RuleSet`].
+//! Loading reports every problem as `file:line:col: message`; a set with any problem is refused
+//! whole.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+use toml::Spanned;
+
+use crate::config::load::LineIndex;
+
+/// One problem in a rule set, with where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    pub file: String,
+    pub line: usize,
+    pub col: usize,
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line == 0 {
+            write!(f, "{}: {}", self.file, self.message)
+        } else {
+            write!(f, "{}:{}:{}: {}", self.file, self.line, self.col, self.message)
+        }
+    }
+}
+
+/// Every problem of a refused rule set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostics(pub Vec<Diagnostic>);
+
+impl fmt::Display for Diagnostics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, d) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{d}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Diagnostics {}
+
+/// An agent queue.
+#[derive(Debug, Clone)]
+pub struct Queue {
+    pub name: String,
+    /// What the agents of this queue can do.
+    pub skills: Vec<String>,
+    /// Languages served; `"*"` serves any.
+    pub languages: Vec<String>,
+    /// First-response target.
+    pub sla: Option<Duration>,
+    /// Next queue when the SLA passes.
+    pub overflow: Option<String>,
+    pub default: bool,
+}
+
+/// A compiled rule.
+pub struct Rule {
+    pub id: String,
+    pub file: String,
+    pub line: usize,
+    /// `None`: the rule always matches.
+    pub when: Option<cel::Program>,
+    pub when_source: Option<String>,
+    pub urgency: i64,
+    pub require_skills: Vec<String>,
+    pub route_to: Option<String>,
+    pub tags: Vec<String>,
+    /// No further rules are evaluated after this one matches.
+    pub stop: bool,
+}
+
+impl fmt::Debug for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Rule")
+            .field("id", &self.id)
+            .field("file", &self.file)
+            .field("line", &self.line)
+            .field("when", &self.when_source)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A `[[test]]` case.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleTest {
+    pub name: String,
+    pub message: TestMessage,
+    #[serde(default)]
+    pub customer: TestCustomer,
+    pub expect: TestExpect,
+    #[serde(skip)]
+    pub file: String,
+    #[serde(skip)]
+    pub line: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TestMessage {
+    /// Channel kind (`email`, `webchat`, …); also used as the channel id.
+    pub channel: String,
+    /// Sender address; its kind is guessed from its shape (`@` → email, `+` → phone).
+    pub sender: String,
+    pub text: String,
+    #[serde(default)]
+    pub subject: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TestCustomer {
+    #[serde(default)]
+    pub attributes: Map<String, Value>,
+    #[serde(default)]
+    pub contacts_last_24h: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TestExpect {
+    #[serde(default)]
+    pub queue: Option<String>,
+    #[serde(default)]
+    pub urgency_at_least: Option<u8>,
+    #[serde(default)]
+    pub urgency_at_most: Option<u8>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+}
+
+/// A validated, compiled, immutable set of queues and rules.
+pub struct RuleSet {
+    pub queues: Vec<Queue>,
+    pub rules: Vec<Rule>,
+    pub tests: Vec<RuleTest>,
+    /// Index into `queues` of the catch-all.
+    pub default_queue: usize,
+    pub(crate) env: Arc<cel::Env>,
+    /// SHA-256 over the files' names and contents, hex; changes with any edit.
+    pub version: String,
+    pub loaded_at: OffsetDateTime,
+    pub source: PathBuf,
+}
+
+impl fmt::Debug for RuleSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RuleSet")
+            .field("version", &self.version)
+            .field("queues", &self.queues)
+            .field("rules", &self.rules)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RuleSet {
+    pub fn queue(&self, name: &str) -> Option<&Queue> {
+        self.queues.iter().find(|q| q.name == name)
+    }
+
+    pub fn default_queue(&self) -> &Queue {
+        &self.queues[self.default_queue]
+    }
+
+    /// Loads every `*.toml` file of `dir` in lexical order.
+    pub fn load_dir(dir: &Path) -> Result<RuleSet, Diagnostics> {
+        let fail = |message: String| {
+            Diagnostics(vec![Diagnostic {
+                file: dir.display().to_string(),
+                line: 0,
+                col: 0,
+                message,
+            }])
+        };
+        let entries = std::fs::read_dir(dir)
+            .map_err(|error| fail(format!("cannot read the rules directory: {error}")))?;
+        let mut paths: Vec<PathBuf> = entries
+            .filter_map(Result::ok)
+            .map(|entry| entry.path())
+            .filter(|path| path.extension().is_some_and(|ext| ext == "toml") && path.is_file())
+            .collect();
+        paths.sort();
+        let mut files = Vec::with_capacity(paths.len());
+        for path in paths {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|error| fail(format!("cannot read {}: {error}", path.display())))?;
+            files.push((path.display().to_string(), text));
+        }
+        let mut set = Self::from_sources(&files)?;
+        set.source = dir.to_path_buf();
+        Ok(set)
+    }
+
+    /// Builds a set from `(file name, text)` pairs, in the given order.
+    pub fn from_sources(files: &[(String, String)]) -> Result<RuleSet, Diagnostics> {
+        let env = Arc::new(cel::Env::stdlib());
+        let mut diagnostics = Vec::new();
+        let mut queues: Vec<(Queue, Location)> = Vec::new();
+        let mut queue_refs: Vec<(String, Location, &'static str)> = Vec::new();
+        let mut rules = Vec::new();
+        let mut tests = Vec::new();
+        let mut hasher = Sha256::new();
+
+        for (file, text) in files {
+            hasher.update(file.as_bytes());
+            hasher.update([0]);
+            hasher.update(text.as_bytes());
+            hasher.update([0]);
+            let lines = LineIndex::new(text);
+            let at = |offset: usize| {
+                let (line, col) = lines.position(offset);
+                Location {
+                    file: file.clone(),
+                    line,
+                    col,
+                }
+            };
+            let parsed: RuleFile = match toml::from_str(text) {
+                Ok(parsed) => parsed,
+                Err(error) => {
+                    let location = at(error.span().map_or(0, |s| s.start));
+                    diagnostics.push(location.diagnostic(error.message().trim().to_owned()));
+                    continue;
+                }
+            };
+
+            for spanned in parsed.queue {
+                let location = at(spanned.span().start);
+                let def = spanned.into_inner();
+                let sla = match def.sla.map(|s| (humantime::parse_duration(s.get_ref()), s)) {
+                    None => None,
+                    Some((Ok(duration), _)) => Some(duration),
+                    Some((Err(error), s)) => {
+                        diagnostics.push(at(s.span().start).diagnostic(format!(
+                            "queue `{}`: sla `{}` is not a duration like \"15m\": {error}",
+                            def.name,
+                            s.get_ref()
+                        )));
+                        None
+                    }
+                };
+                if let Some(overflow) = &def.overflow {
+                    queue_refs.push((
+                        overflow.get_ref().clone(),
+                        at(overflow.span().start),
+                        "overflow",
+                    ));
+                }
+                if !valid_queue_name(&def.name) {
+                    diagnostics.push(location.diagnostic(format!(
+                        "queue name `{}` must be ASCII letters, digits, '-' or '_'",
+                        def.name
+                    )));
+                }
+                queues.push((
+                    Queue {
+                        name: def.name,
+                        skills: def.skills,
+                        languages: def.languages.unwrap_or_else(|| vec!["*".to_owned()]),
+                        sla,
+                        overflow: def.overflow.map(Spanned::into_inner),
+                        default: def.default,
+                    },
+                    location,
+                ));
+            }
+
+            for spanned in parsed.rule {
+                let location = at(spanned.span().start);
+                let def = spanned.into_inner();
+                let (when, when_source) = match def.when {
+                    None => (None, None),
+                    Some(source) => {
+                        let expression_at = at(source.span().start);
+                        match env.compile(source.get_ref()) {
+                            Ok(program) => (Some(program), Some(source.into_inner())),
+                            Err(errors) => {
+                                for error in errors.errors {
+                                    diagnostics.push(expression_at.diagnostic(format!(
+                                        "rule `{}`: invalid CEL in `when`: {} (at column {} of the expression)",
+                                        def.id,
+                                        error.msg,
+                                        error.pos.1 + 1
+                                    )));
+                                }
+                                (None, None)
+                            }
+                        }
+                    }
+                };
+                if let Some(target) = &def.route_to {
+                    queue_refs.push((target.get_ref().clone(), at(target.span().start), "route_to"));
+                }
+                rules.push((
+                    Rule {
+                        id: def.id,
+                        file: location.file.clone(),
+                        line: location.line,
+                        when,
+                        when_source,
+                        urgency: def.urgency,
+                        require_skills: def.require_skills,
+                        route_to: def.route_to.map(Spanned::into_inner),
+                        tags: def.tags,
+                        stop: def.stop,
+                    },
+                    location,
+                ));
+            }
+
+            for spanned in parsed.test {
+                let location = at(spanned.span().start);
+                let mut test = spanned.into_inner();
+                test.file = location.file.clone();
+                test.line = location.line;
+                if let Some(queue) = &test.expect.queue {
+                    queue_refs.push((queue.clone(), location.clone(), "expect.queue"));
+                }
+                tests.push(test);
+            }
+        }
+
+        // Cross-file checks.
+        let mut names = HashMap::new();
+        for (queue, location) in &queues {
+            if let Some(first) = names.insert(queue.name.clone(), location.clone()) {
+                diagnostics.push(location.diagnostic(format!(
+                    "queue `{}` is already defined at {first}",
+                    queue.name
+                )));
+            }
+        }
+        for (target, location, key) in &queue_refs {
+            if !names.contains_key(target) {
+                diagnostics.push(location.diagnostic(format!(
+                    "{key} names queue `{target}`, which no [[queue]] defines"
+                )));
+            }
+        }
+        let defaults: Vec<&(Queue, Location)> = queues.iter().filter(|(q, _)| q.default).collect();
+        match defaults.as_slice() {
+            [_] => {}
+            [] => diagnostics.push(Diagnostic {
+                file: files.first().map_or_else(|| "<rules>".to_owned(), |f| f.0.clone()),
+                line: 0,
+                col: 0,
+                message: if queues.is_empty() {
+                    "no [[queue]] is defined: add at least one, marked `default = true`".to_owned()
+                } else {
+                    "no queue is marked `default = true`: exactly one must be".to_owned()
+                },
+            }),
+            [_, extra @ ..] => {
+                for (queue, location) in extra {
+                    diagnostics.push(location.diagnostic(format!(
+                        "queue `{}` is a second `default = true`: exactly one queue is the default",
+                        queue.name
+                    )));
+                }
+            }
+        }
+        let skills: HashSet<&str> = queues
+            .iter()
+            .flat_map(|(q, _)| q.skills.iter().map(String::as_str))
+            .collect();
+        let mut ids = HashMap::new();
+        for (rule, location) in &rules {
+            if let Some(first) = ids.insert(rule.id.clone(), location.clone()) {
+                diagnostics.push(location.diagnostic(format!(
+                    "rule id `{}` is already used at {first}",
+                    rule.id
+                )));
+            }
+            for skill in &rule.require_skills {
+                if !skills.contains(skill.as_str()) {
+                    diagnostics.push(location.diagnostic(format!(
+                        "rule `{}` requires skill `{skill}`, which no queue has",
+                        rule.id
+                    )));
+                }
+            }
+        }
+
+        if !diagnostics.is_empty() {
+            return Err(Diagnostics(diagnostics));
+        }
+        let default_queue = queues
+            .iter()
+            .position(|(q, _)| q.default)
+            .unwrap_or_default();
+        Ok(RuleSet {
+            queues: queues.into_iter().map(|(q, _)| q).collect(),
+            rules: rules.into_iter().map(|(r, _)| r).collect(),
+            tests,
+            default_queue,
+            env,
+            version: hex::encode(hasher.finalize()),
+            loaded_at: OffsetDateTime::now_utc(),
+            source: PathBuf::new(),
+        })
+    }
+
+    /// A set with one catch-all queue, `general`, and no rules: used when no rules directory
+    /// exists in single-node mode.
+    pub fn builtin() -> RuleSet {
+        let source = "[[queue]]\nname = \"general\"\ndefault = true\nlanguages = [\"*\"]\n";
+        // The built-in text is a constant known to be valid.
+        Self::from_sources(&[("<built-in>".to_owned(), source.to_owned())])
+            .expect("the built-in rule set is valid")
+    }
+
+    /// Queue names, for declaring one agent queue each.
+    pub fn queue_names(&self) -> Vec<String> {
+        self.queues.iter().map(|q| q.name.clone()).collect()
+    }
+
+    /// A summary for `/api/v1/rules` and logs.
+    pub fn summary(&self) -> BTreeMap<&'static str, Value> {
+        BTreeMap::from([
+            ("version", Value::from(self.version.clone())),
+            ("queues", Value::from(self.queues.len())),
+            ("rules", Value::from(self.rules.len())),
+            ("tests", Value::from(self.tests.len())),
+        ])
+    }
+}
+
+fn valid_queue_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
+}
+
+#[derive(Debug, Clone)]
+struct Location {
+    file: String,
+    line: usize,
+    col: usize,
+}
+
+impl Location {
+    fn diagnostic(&self, message: String) -> Diagnostic {
+        Diagnostic {
+            file: self.file.clone(),
+            line: self.line,
+            col: self.col,
+            message,
+        }
+    }
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.file, self.line)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleFile {
+    #[serde(default)]
+    queue: Vec<Spanned<QueueDef>>,
+    #[serde(default)]
+    rule: Vec<Spanned<RuleDef>>,
+    #[serde(default)]
+    test: Vec<Spanned<RuleTest>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QueueDef {
+    name: String,
+    #[serde(default)]
+    skills: Vec<String>,
+    #[serde(default)]
+    languages: Option<Vec<String>>,
+    #[serde(default)]
+    sla: Option<Spanned<String>>,
+    #[serde(default)]
+    overflow: Option<Spanned<String>>,
+    #[serde(default)]
+    default: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleDef {
+    id: String,
+    #[serde(default)]
+    when: Option<Spanned<String>>,
+    #[serde(default)]
+    urgency: i64,
+    #[serde(default)]
+    require_skills: Vec<String>,
+    #[serde(default)]
+    route_to: Option<Spanned<String>>,
+    #[serde(default)]
+    tags: Vec<String>,
+    #[serde(default)]
+    stop: bool,
+}
