@@ -1,0 +1,114 @@
+//! The customer context store: customers, identities, conversations, messages and decisions.
+//! One trait, [`Store`], with an SQLite implementation; PostgreSQL implements the same trait
+//! for several nodes.
+
+mod sqlite;
+
+use async_trait::async_trait;
+use serde_json::{Map, Value};
+use switchboard_channel::NormalizedMessage;
+
+use crate::router::decide::{ConversationView, CustomerView};
+
+pub use sqlite::SqliteStore;
+
+/// The store failed; the message stays unacknowledged and is retried.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the store at {url}: {source}")]
+    Open {
+        url: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("store migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("store query failed: {0}")]
+    Query(#[from] sqlx::Error),
+    #[error("stored JSON is corrupt: {0}")]
+    Corrupt(#[from] serde_json::Error),
+    #[error("unsupported store URL `{0}`: use sqlite://PATH")]
+    Unsupported(String),
+}
+
+/// A decision already recorded for a message key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredDecision {
+    /// The assignment CloudEvent exactly as published (or to be published).
+    pub assignment: String,
+    pub queue: String,
+    pub priority: u8,
+    /// True once the assignment publish and the inbound ack were committed on the bus.
+    pub published: bool,
+}
+
+/// Who wrote and in which conversation, as the router sees it before deciding.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub customer: CustomerView,
+    pub conversation: ConversationView,
+}
+
+/// One routed message to record.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub message: NormalizedMessage,
+    pub customer_id: String,
+    /// The customer's attributes after this message (merged).
+    pub attributes: Map<String, Value>,
+    pub conversation_id: String,
+    pub queue: String,
+    pub urgency: u8,
+    pub priority: u8,
+    pub assignment: String,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// The decision recorded for `(channel_id, external_id)`, if any.
+    async fn decision(
+        &self,
+        channel_id: &str,
+        external_id: &str,
+    ) -> Result<Option<StoredDecision>, StoreError>;
+
+    /// Finds or creates the customer behind the sender and their open conversation.
+    async fn resolve(&self, message: &NormalizedMessage, now_ms: i64) -> Result<Resolved, StoreError>;
+
+    /// Records messages and their decisions atomically; a key already recorded is left as is.
+    async fn record(&self, records: &[Record], now_ms: i64) -> Result<(), StoreError>;
+
+    /// Marks decisions whose assignment reached the bus.
+    async fn mark_published(&self, keys: &[(String, String)]) -> Result<(), StoreError>;
+
+    /// Cheap liveness query for `/readyz`.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    async fn close(&self);
+}
+
+/// Opens the store named by `url`.
+pub async fn open(url: &str) -> Result<std::sync::Arc<dyn Store>, StoreError> {
+    if url.starts_with("sqlite:") {
+        Ok(std::sync::Arc::new(SqliteStore::open(url).await?))
+    } else {
+        Err(StoreError::Unsupported(url.to_owned()))
+    }
+}
+
+/// Attributes the message carries (`metadata.attributes`) merged over the stored ones.
+pub(crate) fn merged_attributes(
+    stored: Map<String, Value>,
+    message: &NormalizedMessage,
+) -> Map<String, Value> {
+    let mut attributes = stored;
+    if let Some(Value::Object(update)) = message.metadata.get("attributes") {
+        for (key, value) in update {
+            attributes.insert(key.clone(), value.clone());
+        }
+    }
+    attributes
+}
+
+#[cfg(test)]
+mod tests;
