@@ -1,1 +1,36 @@
-fn main(){}
+use std::process::ExitCode;
+
+use clap::Parser;
+use switchboard::cli::{self, Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config, rules } => cli::check(config.as_deref(), rules.as_deref()),
+        Command::Explain { config, rules, message } => {
+            cli::explain(config.as_deref(), rules.as_deref(), &message)
+        }
+        Command::Run { config, rules } => {
+            let loaded = match cli::load_config(config.as_deref()) {
+                Ok(loaded) => loaded,
+                Err(code) => return code,
+            };
+            switchboard::telemetry::init_logging(&loaded.config.log);
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(runtime) => runtime,
+                Err(error) => {
+                    eprintln!("cannot start the async runtime: {error}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(switchboard::app::run(loaded, rules)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    tracing::error!("{error:#}");
+                    eprintln!("switchboard: {error:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -1,5 +1,8 @@
-//! The router: rule sets ([`rules`]), the pure decision ([`decide`]), and the service that
-//! consumes the router queue, records decisions and publishes assignments ([`service`]).
+//! The router: rule sets ([`rules`]), the pure decision ([`decide`]), rule tests ([`check`]),
+//! and the service that consumes the router queue, records decisions and publishes assignments
+//! ([`service`]).
 
+pub mod check;
 pub mod decide;
 pub mod rules;
+pub mod service;

@@ -1,0 +1,171 @@
+//! The supervisor: builds every component from the config, runs them, reloads rules on SIGHUP,
+//! and shuts down in order on SIGTERM/SIGINT (stop intake, drain in-flight work to a deadline,
+//! close the bus and the store).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context as _, bail};
+use arc_swap::ArcSwap;
+use switchboard_channel::{ChannelContext, ChannelRef};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use crate::bus::amqp::AmqpBus;
+use crate::channels::ChannelAdapter;
+use crate::config::Loaded;
+use crate::http::{AppState, ChannelEntry};
+use crate::router::rules::RuleSet;
+use crate::router::service::Router;
+use crate::store;
+
+/// Runs the daemon until a termination signal.
+pub async fn run(loaded: Loaded, rules_override: Option<PathBuf>) -> anyhow::Result<()> {
+    let config = loaded.config.clone();
+    let metrics = crate::telemetry::init_metrics();
+
+    let rules_dir = rules_override.unwrap_or_else(|| config.rules_dir(loaded.base_dir()));
+    let rules = RuleSet::load_dir(&rules_dir)
+        .map_err(|diagnostics| anyhow::anyhow!("the routing rules are invalid:\n{diagnostics}"))?;
+    info!(dir = %rules_dir.display(), version = %rules.version, queues = rules.queues.len(), rules = rules.rules.len(), "Routing rules loaded.");
+    let rules = Arc::new(ArcSwap::from_pointee(rules));
+
+    let Some(bus_url) = config.bus.url.clone() else {
+        bail!("[bus] url is not set: the embedded single-node bus is not available yet; point [bus] url at RabbitMQ (amqp://…)");
+    };
+
+    let store = store::open(&config.store.url)
+        .await
+        .with_context(|| format!("opening the store {}", config.store.url))?;
+    info!(url = %config.store.url, "Store open.");
+
+    // Intake (HTTP, router) stops first; the bus closes after the drain.
+    let intake = CancellationToken::new();
+    let bus_cancel = CancellationToken::new();
+    let intake_tasks = TaskTracker::new();
+    let bus_tasks = TaskTracker::new();
+
+    let bus = AmqpBus::start(
+        &bus_url,
+        &config.bus,
+        rules.load().queue_names(),
+        &bus_tasks,
+        bus_cancel.clone(),
+    );
+    info!(prefix = %config.bus.prefix, "Bus mode: RabbitMQ.");
+
+    let mut channels = HashMap::new();
+    for (index, channel) in config.channels.iter().enumerate() {
+        let adapter = ChannelAdapter::from_config(index, channel).map_err(|problems| {
+            anyhow::anyhow!(
+                "channel `{}`: {}",
+                channel.id,
+                problems.iter().map(|(k, m)| format!("{k}: {m}")).collect::<Vec<_>>().join("; ")
+            )
+        })?;
+        let context = ChannelContext::new(
+            ChannelRef {
+                id: channel.id.clone(),
+                kind: channel.kind.clone(),
+            },
+            Arc::new(bus.clone()),
+        );
+        channels.insert(
+            channel.id.clone(),
+            ChannelEntry {
+                adapter,
+                context,
+                max_body_bytes: channel.max_body_bytes.unwrap_or(config.http.max_body_bytes),
+            },
+        );
+        info!(channel = %channel.id, kind = %channel.kind, path = %format!("/webhooks/{}", channel.id), "Channel ready.");
+    }
+
+    let router = Router {
+        rules: rules.clone(),
+        store: store.clone(),
+    };
+    intake_tasks.spawn(router.run(bus.router_link(), intake.clone()));
+
+    let state = Arc::new(AppState {
+        channels,
+        bus: bus.clone(),
+        store: store.clone(),
+        metrics,
+    });
+    let listener = tokio::net::TcpListener::bind(config.http.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.http.listen))?;
+    info!(listen = %config.http.listen, "HTTP server listening.");
+    let server_stop = intake.clone();
+    intake_tasks.spawn(async move {
+        let server = axum::serve(listener, crate::http::router(state))
+            .with_graceful_shutdown(server_stop.cancelled_owned());
+        if let Err(error) = server.await {
+            error!(%error, "HTTP server failed.");
+        }
+    });
+
+    wait_for_shutdown(&rules, &rules_dir, &bus).await;
+
+    info!(deadline = ?config.daemon.shutdown_timeout, "Shutting down: intake stopped, draining.");
+    intake.cancel();
+    intake_tasks.close();
+    if tokio::time::timeout(config.daemon.shutdown_timeout, intake_tasks.wait())
+        .await
+        .is_err()
+    {
+        warn!("In-flight work did not finish before the deadline; unacknowledged messages will be redelivered.");
+    }
+    bus_cancel.cancel();
+    bus_tasks.close();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), bus_tasks.wait()).await;
+    store.close().await;
+    info!("Stopped.");
+    Ok(())
+}
+
+/// Serves signals until SIGTERM or SIGINT; SIGHUP reloads the rules.
+async fn wait_for_shutdown(rules: &Arc<ArcSwap<RuleSet>>, dir: &std::path::Path, bus: &AmqpBus) {
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        error!("Cannot install signal handlers; stopping.");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => { info!("SIGTERM received."); return; }
+            _ = int.recv() => { info!("SIGINT received."); return; }
+            _ = hup.recv() => {
+                info!("SIGHUP received: reloading the routing rules.");
+                reload(rules, dir, bus).await;
+            }
+        }
+    }
+}
+
+/// Loads and validates the whole rule set; swaps it in only if valid.
+pub async fn reload(rules: &Arc<ArcSwap<RuleSet>>, dir: &std::path::Path, bus: &AmqpBus) {
+    match RuleSet::load_dir(dir) {
+        Ok(next) => {
+            if let Err(error) = bus.declare_agent_queues(&next.queue_names()).await {
+                warn!(%error, "New agent queues will be declared when the bus reconnects.");
+            }
+            info!(version = %next.version, queues = next.queues.len(), rules = next.rules.len(), "Routing rules reloaded.");
+            metrics::counter!("switchboard_rules_reloads_total").increment(1);
+            rules.store(Arc::new(next));
+        }
+        Err(diagnostics) => {
+            metrics::counter!("switchboard_rules_reload_failures_total").increment(1);
+            for diagnostic in &diagnostics.0 {
+                error!(problem = %diagnostic, "Routing rules refused; the previous rules keep routing.");
+            }
+        }
+    }
+}

@@ -1,0 +1,639 @@
+//! RabbitMQ through lapin. One supervisor task keeps a connection (reconnecting with backoff and
+//! re-declaring the topology); one publisher task owns the confirm channel that adapters publish
+//! through (confirms pair with the right message only if one task publishes); the router owns its
+//! own channel in transaction mode.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use backon::BackoffBuilder;
+use futures::{FutureExt, StreamExt};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer, Event, ExchangeKind};
+use switchboard_channel::envelope::{CLOUDEVENTS_CONTENT_TYPE, event_type};
+use switchboard_channel::{CloudEvent, NormalizedMessage, PublishError};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use super::{Assignment, BusError, Delivery, Outcome, REASON_HEADER, RouterLink, Topology};
+use crate::config::BusConfig;
+
+/// How many publish requests may wait for the publisher task before webhooks feel backpressure.
+const PUBLISH_QUEUE: usize = 4096;
+/// How many requests the publisher sends before waiting for their confirms.
+const PUBLISH_BATCH: usize = 256;
+
+/// The AMQP bus: cheap to clone, shared by the HTTP server and the router.
+#[derive(Clone)]
+pub struct AmqpBus {
+    shared: Arc<Shared>,
+    publish_tx: mpsc::Sender<PublishRequest>,
+}
+
+struct Shared {
+    url: String,
+    topology: Topology,
+    config: BusConfig,
+    connection: watch::Receiver<Option<Arc<Connection>>>,
+    agent_queues: Mutex<BTreeSet<String>>,
+}
+
+struct PublishRequest {
+    exchange: String,
+    routing_key: String,
+    body: Vec<u8>,
+    properties: BasicProperties,
+    reply: oneshot::Sender<Result<(), PublishError>>,
+}
+
+impl AmqpBus {
+    /// Starts the connection supervisor and the publisher. Returns at once; the connection is
+    /// made in the background and remade whenever it drops.
+    pub fn start(
+        url: &str,
+        config: &BusConfig,
+        agent_queues: Vec<String>,
+        tracker: &TaskTracker,
+        cancel: CancellationToken,
+    ) -> Self {
+        let (connection_tx, connection_rx) = watch::channel(None);
+        let shared = Arc::new(Shared {
+            url: url.to_owned(),
+            topology: Topology::new(&config.prefix),
+            config: config.clone(),
+            connection: connection_rx,
+            agent_queues: Mutex::new(agent_queues.into_iter().collect()),
+        });
+        let (publish_tx, publish_rx) = mpsc::channel(PUBLISH_QUEUE);
+        tracker.spawn(supervise(shared.clone(), connection_tx, cancel.clone()));
+        tracker.spawn(run_publisher(shared.clone(), publish_rx, cancel));
+        Self { shared, publish_tx }
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.shared.topology
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.shared
+            .connection
+            .borrow()
+            .as_ref()
+            .is_some_and(|c| c.status().connected())
+    }
+
+    /// Waits up to `timeout` for a connection; true if connected.
+    pub async fn wait_connected(&self, timeout: Duration) -> bool {
+        let mut rx = self.shared.connection.clone();
+        tokio::time::timeout(timeout, rx.wait_for(Option::is_some))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Declares agent queues (for a reloaded rule set) now, and on every reconnect.
+    pub async fn declare_agent_queues(&self, names: &[String]) -> Result<(), BusError> {
+        {
+            let mut queues = lock(&self.shared.agent_queues);
+            queues.extend(names.iter().cloned());
+        }
+        let connection = self.shared.current().ok_or(BusError::Disconnected)?;
+        let channel = connection.create_channel().await?;
+        for name in names {
+            declare_agent_queue(&channel, &self.shared.topology, name).await?;
+        }
+        let _ = channel.close(200, "declared".into()).await;
+        Ok(())
+    }
+
+    /// Publishes a normalized message to `<p>.inbound` and waits for the broker's confirm.
+    pub async fn publish_inbound(&self, message: &NormalizedMessage) -> Result<(), PublishError> {
+        if !self.is_connected() {
+            return Err(PublishError::Unavailable("not connected to RabbitMQ".into()));
+        }
+        let event = CloudEvent::message_received(message.clone());
+        let body = serde_json::to_vec(&event)
+            .map_err(|error| PublishError::Rejected(format!("cannot encode the message: {error}")))?;
+        let properties = event_properties(&event.id, event_type::MESSAGE_RECEIVED);
+        let (reply, response) = oneshot::channel();
+        let request = PublishRequest {
+            exchange: self.shared.topology.inbound(),
+            routing_key: message.routing_key(),
+            body,
+            properties,
+            reply,
+        };
+        let timeout = self.shared.config.confirm_timeout;
+        let outcome = tokio::time::timeout(timeout, async {
+            self.publish_tx
+                .send(request)
+                .await
+                .map_err(|_| PublishError::Unavailable("the bus is shutting down".into()))?;
+            response
+                .await
+                .map_err(|_| PublishError::Unavailable("the publisher stopped".into()))?
+        })
+        .await;
+        let result = match outcome {
+            Ok(result) => result,
+            Err(_) => Err(PublishError::Unavailable(format!(
+                "no confirm from RabbitMQ within {}",
+                humantime::format_duration(timeout)
+            ))),
+        };
+        if result.is_err() {
+            metrics::counter!("switchboard_publish_failures_total", "stage" => "inbound").increment(1);
+        }
+        result
+    }
+
+    /// The router's transactional link to `<p>.router` and `<p>.assign`.
+    pub fn router_link(&self) -> AmqpRouterLink {
+        AmqpRouterLink {
+            shared: self.shared.clone(),
+            session: None,
+        }
+    }
+}
+
+impl Shared {
+    fn current(&self) -> Option<Arc<Connection>> {
+        self.connection
+            .borrow()
+            .as_ref()
+            .filter(|c| c.status().connected())
+            .cloned()
+    }
+
+    /// Waits until a connection is up, or the bus closes.
+    async fn connected(&self, cancel: &CancellationToken) -> Result<Arc<Connection>, BusError> {
+        let mut rx = self.connection.clone();
+        loop {
+            if let Some(connection) = self.current() {
+                return Ok(connection);
+            }
+            tokio::select! {
+                () = cancel.cancelled() => return Err(BusError::Closed),
+                changed = rx.changed() => if changed.is_err() { return Err(BusError::Closed) },
+            }
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Properties of every Switchboard message: persistent CloudEvents JSON.
+fn event_properties(id: &str, kind: &str) -> BasicProperties {
+    BasicProperties::default()
+        .with_content_type(CLOUDEVENTS_CONTENT_TYPE.into())
+        .with_delivery_mode(2)
+        .with_message_id(id.into())
+        .with_type(kind.into())
+        .with_timestamp(
+            u64::try_from(time::OffsetDateTime::now_utc().unix_timestamp()).unwrap_or_default(),
+        )
+}
+
+/// Keeps one connection up: connect, declare, wait for it to fail, back off, again.
+async fn supervise(
+    shared: Arc<Shared>,
+    connection_tx: watch::Sender<Option<Arc<Connection>>>,
+    cancel: CancellationToken,
+) {
+    let mut backoff = new_backoff();
+    loop {
+        let attempt = tokio::select! {
+            () = cancel.cancelled() => break,
+            attempt = connect_and_declare(&shared) => attempt,
+        };
+        match attempt {
+            Ok(connection) => {
+                backoff = new_backoff();
+                let mut events = connection.events_listener();
+                info!(prefix = %shared.config.prefix, "Connected to RabbitMQ.");
+                connection_tx.send_replace(Some(connection.clone()));
+                let mut watchdog = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tokio::select! {
+                        () = cancel.cancelled() => break,
+                        event = events.next() => match event {
+                            Some(Event::Error(error)) => {
+                                warn!(%error, "RabbitMQ connection failed; reconnecting.");
+                                break;
+                            }
+                            Some(Event::ConnectionBlocked(reason)) => warn!(%reason, "RabbitMQ blocked the connection."),
+                            Some(_) => {}
+                            None => break,
+                        },
+                        _ = watchdog.tick() => if !connection.status().connected() {
+                            warn!("RabbitMQ connection lost; reconnecting.");
+                            break;
+                        },
+                    }
+                }
+                connection_tx.send_replace(None);
+                if cancel.is_cancelled() {
+                    let _ = connection.close(200, "switchboard shutting down".into()).await;
+                    break;
+                }
+                metrics::counter!("switchboard_bus_reconnects_total").increment(1);
+            }
+            Err(error) => {
+                let delay = backoff.next().unwrap_or(Duration::from_secs(5));
+                warn!(%error, retry_in = ?delay, "Cannot connect to RabbitMQ.");
+                tokio::select! {
+                    () = cancel.cancelled() => break,
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+    connection_tx.send_replace(None);
+}
+
+fn new_backoff() -> backon::ExponentialBackoff {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+async fn connect_and_declare(shared: &Shared) -> Result<Arc<Connection>, BusError> {
+    let properties = ConnectionProperties::default().with_connection_name("switchboard".into());
+    let connection = tokio::time::timeout(
+        Duration::from_secs(10),
+        Connection::connect(&shared.url, properties),
+    )
+    .await
+    .map_err(|_| BusError::Disconnected)??;
+    let channel = connection.create_channel().await?;
+    let queues: Vec<String> = lock(&shared.agent_queues).iter().cloned().collect();
+    declare_topology(&channel, &shared.topology, shared.config.delivery_limit).await?;
+    for queue in &queues {
+        declare_agent_queue(&channel, &shared.topology, queue).await?;
+    }
+    let _ = channel.close(200, "declared".into()).await;
+    Ok(Arc::new(connection))
+}
+
+fn durable() -> ExchangeDeclareOptions {
+    ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    }
+}
+
+fn durable_queue() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    }
+}
+
+/// Declares DESIGN §3's exchanges and queues (idempotent).
+async fn declare_topology(
+    channel: &Channel,
+    topology: &Topology,
+    delivery_limit: u32,
+) -> Result<(), BusError> {
+    let none = FieldTable::default;
+    for (name, kind) in [
+        (topology.inbound(), ExchangeKind::Topic),
+        (topology.assign(), ExchangeKind::Direct),
+        (topology.outbound(), ExchangeKind::Topic),
+        (topology.events(), ExchangeKind::Topic),
+        (topology.dlx(), ExchangeKind::Fanout),
+    ] {
+        channel
+            .exchange_declare(name.as_str().into(), kind, durable(), none())
+            .await?;
+    }
+    channel
+        .queue_declare(topology.dead().as_str().into(), durable_queue(), none())
+        .await?;
+    channel
+        .queue_bind(
+            topology.dead().as_str().into(),
+            topology.dlx().as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            none(),
+        )
+        .await?;
+    let mut router_args = FieldTable::default();
+    router_args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    router_args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(topology.dlx().as_str().into()),
+    );
+    router_args.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongInt(i32::try_from(delivery_limit).unwrap_or(i32::MAX)),
+    );
+    channel
+        .queue_declare(topology.router().as_str().into(), durable_queue(), router_args)
+        .await?;
+    channel
+        .queue_bind(
+            topology.router().as_str().into(),
+            topology.inbound().as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            none(),
+        )
+        .await?;
+    Ok(())
+}
+
+async fn declare_agent_queue(channel: &Channel, topology: &Topology, queue: &str) -> Result<(), BusError> {
+    let name = topology.agent_queue(queue);
+    let mut args = FieldTable::default();
+    args.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(10));
+    channel
+        .queue_declare(name.as_str().into(), durable_queue(), args)
+        .await?;
+    channel
+        .queue_bind(
+            name.as_str().into(),
+            topology.assign().as_str().into(),
+            queue.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(())
+}
+
+/// The only task that publishes on the confirm channel. Sends a batch, then waits for its
+/// confirms in order; what was not confirmed when the channel broke is published again on the
+/// next channel, as long as its sender still waits.
+async fn run_publisher(
+    shared: Arc<Shared>,
+    mut requests: mpsc::Receiver<PublishRequest>,
+    cancel: CancellationToken,
+) {
+    let mut carried: Vec<PublishRequest> = Vec::new();
+    'channels: loop {
+        let channel = match open_confirm_channel(&shared, &cancel).await {
+            Ok(channel) => channel,
+            Err(BusError::Closed) => break,
+            Err(error) => {
+                debug!(%error, "Publisher channel failed; waiting for the connection.");
+                tokio::select! {
+                    () = cancel.cancelled() => break,
+                    () = tokio::time::sleep(Duration::from_millis(200)) => continue,
+                }
+            }
+        };
+        loop {
+            let mut batch = std::mem::take(&mut carried);
+            batch.retain(|r| !r.reply.is_closed());
+            if batch.is_empty() {
+                tokio::select! {
+                    () = cancel.cancelled() => break 'channels,
+                    request = requests.recv() => match request {
+                        Some(request) => batch.push(request),
+                        None => break 'channels,
+                    },
+                }
+            }
+            while batch.len() < PUBLISH_BATCH {
+                match requests.try_recv() {
+                    Ok(request) => batch.push(request),
+                    Err(_) => break,
+                }
+            }
+            batch.retain(|r| !r.reply.is_closed());
+
+            let mut sent = Vec::with_capacity(batch.len());
+            let mut unsent = batch.into_iter();
+            let mut broken = false;
+            for request in unsent.by_ref() {
+                let publish = channel
+                    .basic_publish(
+                        request.exchange.as_str().into(),
+                        request.routing_key.as_str().into(),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..BasicPublishOptions::default()
+                        },
+                        &request.body,
+                        request.properties.clone(),
+                    )
+                    .await;
+                match publish {
+                    Ok(confirm) => sent.push((request, confirm)),
+                    Err(error) => {
+                        debug!(%error, "Publish failed; will retry on a new channel.");
+                        carried.push(request);
+                        broken = true;
+                        break;
+                    }
+                }
+            }
+            carried.extend(unsent);
+            for (request, confirm) in sent {
+                if broken {
+                    carried.push(request);
+                    continue;
+                }
+                match confirm.await {
+                    Ok(confirmation) if confirmation.is_nack() => {
+                        let _ = request
+                            .reply
+                            .send(Err(PublishError::Rejected("RabbitMQ nacked the message".into())));
+                    }
+                    Ok(confirmation) => {
+                        let result = match confirmation.take_message() {
+                            Some(returned) => Err(PublishError::Rejected(format!(
+                                "no queue is bound for it ({})",
+                                returned.reply_text
+                            ))),
+                            None => Ok(()),
+                        };
+                        let _ = request.reply.send(result);
+                    }
+                    Err(error) => {
+                        debug!(%error, "Confirm lost; will retry on a new channel.");
+                        carried.push(request);
+                        broken = true;
+                    }
+                }
+            }
+            if broken {
+                continue 'channels;
+            }
+        }
+    }
+    for request in carried {
+        let _ = request
+            .reply
+            .send(Err(PublishError::Unavailable("the bus is shutting down".into())));
+    }
+}
+
+async fn open_confirm_channel(shared: &Shared, cancel: &CancellationToken) -> Result<Channel, BusError> {
+    let connection = shared.connected(cancel).await?;
+    let channel = connection.create_channel().await?;
+    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    Ok(channel)
+}
+
+/// The router's link: one channel in transaction mode that consumes `<p>.router` and publishes
+/// assignments, so `tx.commit` makes "publish the assignments + ack the inputs" one step.
+pub struct AmqpRouterLink {
+    shared: Arc<Shared>,
+    session: Option<Session>,
+}
+
+struct Session {
+    channel: Channel,
+    consumer: Consumer,
+    /// Bodies of the deliveries in hand, for dead-lettering.
+    bodies: HashMap<u64, Vec<u8>>,
+}
+
+impl AmqpRouterLink {
+    async fn session(&mut self) -> Result<&mut Session, BusError> {
+        if self.session.is_none() {
+            let never = CancellationToken::new();
+            let connection = tokio::time::timeout(Duration::from_secs(1), self.shared.connected(&never))
+                .await
+                .map_err(|_| BusError::Disconnected)??;
+            let channel = connection.create_channel().await?;
+            channel
+                .basic_qos(self.shared.config.prefetch, BasicQosOptions::default())
+                .await?;
+            channel.tx_select().await?;
+            let consumer = channel
+                .basic_consume(
+                    self.shared.topology.router().as_str().into(),
+                    "switchboard-router".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            info!(queue = %self.shared.topology.router(), "Router consuming.");
+            self.session = Some(Session {
+                channel,
+                consumer,
+                bodies: HashMap::new(),
+            });
+        }
+        self.session.as_mut().ok_or(BusError::Disconnected)
+    }
+}
+
+#[async_trait]
+impl RouterLink for AmqpRouterLink {
+    async fn next_batch(&mut self, max: usize) -> Result<Vec<Delivery>, BusError> {
+        let session = self.session().await?;
+        let first = session.consumer.next().await.ok_or(BusError::Disconnected)??;
+        let mut batch = vec![first];
+        while batch.len() < max {
+            match session.consumer.next().now_or_never() {
+                Some(Some(delivery)) => batch.push(delivery?),
+                Some(None) => return Err(BusError::Disconnected),
+                None => break,
+            }
+        }
+        Ok(batch
+            .into_iter()
+            .map(|delivery| {
+                session
+                    .bodies
+                    .insert(delivery.delivery_tag, delivery.data.clone());
+                Delivery {
+                    tag: delivery.delivery_tag,
+                    body: delivery.data,
+                    redelivered: delivery.redelivered,
+                }
+            })
+            .collect())
+    }
+
+    async fn commit(&mut self, outcomes: Vec<(u64, Outcome)>) -> Result<(), BusError> {
+        let topology = self.shared.topology.clone();
+        let session = self.session().await?;
+        for (tag, outcome) in &outcomes {
+            match outcome {
+                Outcome::Assign(Assignment {
+                    queue,
+                    priority,
+                    event_id,
+                    body,
+                }) => {
+                    let properties = event_properties(event_id, event_type::CONVERSATION_ASSIGNED)
+                        .with_priority(*priority);
+                    session
+                        .channel
+                        .basic_publish(
+                            topology.assign().as_str().into(),
+                            queue.as_str().into(),
+                            BasicPublishOptions::default(),
+                            body.as_bytes(),
+                            properties,
+                        )
+                        .await?;
+                }
+                Outcome::Dead(reason) => {
+                    let body = session.bodies.get(tag).cloned().unwrap_or_default();
+                    let mut headers = FieldTable::default();
+                    headers.insert(REASON_HEADER.into(), AMQPValue::LongString(reason.as_str().into()));
+                    headers.insert(
+                        "x-switchboard-queue".into(),
+                        AMQPValue::LongString(topology.router().as_str().into()),
+                    );
+                    let properties = BasicProperties::default()
+                        .with_delivery_mode(2)
+                        .with_headers(headers);
+                    session
+                        .channel
+                        .basic_publish(
+                            topology.dlx().as_str().into(),
+                            "".into(),
+                            BasicPublishOptions::default(),
+                            &body,
+                            properties,
+                        )
+                        .await?;
+                }
+                Outcome::Ack => {}
+            }
+            session
+                .channel
+                .basic_ack(*tag, BasicAckOptions::default())
+                .await?;
+        }
+        session.channel.tx_commit().await?;
+        for (tag, _) in &outcomes {
+            session.bodies.remove(tag);
+        }
+        Ok(())
+    }
+
+    async fn reset(&mut self) -> Result<(), BusError> {
+        if let Some(session) = self.session.take() {
+            let _ = session.channel.close(200, "router reset".into()).await;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl switchboard_channel::Publisher for AmqpBus {
+    async fn publish(&self, message: &NormalizedMessage) -> Result<(), PublishError> {
+        self.publish_inbound(message).await
+    }
+}

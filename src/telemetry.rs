@@ -1,0 +1,57 @@
+//! Logs (tracing) and metrics (Prometheus).
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{LogConfig, LogFormat};
+
+/// Installs the global log subscriber. `RUST_LOG` overrides `[log] level`.
+pub fn init_logging(config: &LogConfig) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&config.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match config.format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// Latency buckets, in seconds: 0.5 ms to 10 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Installs the global metrics recorder; `None` if one is already installed.
+pub fn init_metrics() -> Option<PrometheusHandle> {
+    let builder = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), LATENCY_BUCKETS)
+        .ok()?;
+    let handle = builder.install_recorder().ok()?;
+    describe();
+    Some(handle)
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_histogram};
+    describe_counter!(
+        "switchboard_messages_received_total",
+        "Webhook requests per channel kind and outcome (accepted, refused)."
+    );
+    describe_counter!("switchboard_assignments_total", "Assignments published per agent queue.");
+    describe_histogram!(
+        "switchboard_routing_latency_seconds",
+        "Router batch latency: taken from the router queue to committed assignment."
+    );
+    describe_counter!(
+        "switchboard_publish_failures_total",
+        "Publishes the bus did not confirm, per stage."
+    );
+    describe_counter!("switchboard_bus_reconnects_total", "RabbitMQ reconnections.");
+    describe_counter!("switchboard_dead_letters_total", "Poison messages moved to the dead queue.");
+    describe_counter!("switchboard_duplicates_total", "Redelivered or retried messages acknowledged without a second assignment.");
+    describe_counter!("switchboard_rules_reloads_total", "Rule set reloads applied.");
+    describe_counter!("switchboard_rules_reload_failures_total", "Rule set reloads refused (the old set keeps routing).");
+}
