@@ -34,7 +34,9 @@ pub async fn run(loaded: Loaded, rules_override: Option<PathBuf>) -> anyhow::Res
     let rules = Arc::new(ArcSwap::from_pointee(rules));
 
     let Some(bus_url) = config.bus.url.clone() else {
-        bail!("[bus] url is not set: the embedded single-node bus is not available yet; point [bus] url at RabbitMQ (amqp://…)");
+        bail!(
+            "[bus] url is not set: the embedded single-node bus is not available yet; point [bus] url at RabbitMQ (amqp://…)"
+        );
     };
 
     let store = store::open(&config.store.url)
@@ -63,7 +65,11 @@ pub async fn run(loaded: Loaded, rules_override: Option<PathBuf>) -> anyhow::Res
             anyhow::anyhow!(
                 "channel `{}`: {}",
                 channel.id,
-                problems.iter().map(|(k, m)| format!("{k}: {m}")).collect::<Vec<_>>().join("; ")
+                problems
+                    .iter()
+                    .map(|(k, m)| format!("{k}: {m}"))
+                    .collect::<Vec<_>>()
+                    .join("; ")
             )
         })?;
         let context = ChannelContext::new(
@@ -118,7 +124,9 @@ pub async fn run(loaded: Loaded, rules_override: Option<PathBuf>) -> anyhow::Res
         .await
         .is_err()
     {
-        warn!("In-flight work did not finish before the deadline; unacknowledged messages will be redelivered.");
+        warn!(
+            "In-flight work did not finish before the deadline; unacknowledged messages will be redelivered."
+        );
     }
     bus_cancel.cancel();
     bus_tasks.close();

@@ -18,18 +18,28 @@ pub enum ChannelAdapter {
 
 impl ChannelAdapter {
     /// Builds the adapter of `[[channels]]` entry `index`, or every problem with its key path.
-    pub fn from_config(index: usize, channel: &ChannelConfig) -> Result<Self, Vec<(String, String)>> {
+    pub fn from_config(
+        index: usize,
+        channel: &ChannelConfig,
+    ) -> Result<Self, Vec<(String, String)>> {
         let at = |key: &str| format!("channels.{index}.{key}");
         let options = toml::Value::Table(channel.options.clone());
         let located = |problems: Vec<(String, String)>| -> Vec<(String, String)> {
-            problems.into_iter().map(|(key, message)| (at(&key), message)).collect()
+            problems
+                .into_iter()
+                .map(|(key, message)| (at(&key), message))
+                .collect()
         };
         match channel.kind.as_str() {
             #[cfg(feature = "webchat")]
             "webchat" => {
-                let config: switchboard_webchat::Config = options
-                    .try_into()
-                    .map_err(|error: toml::de::Error| vec![(format!("channels.{index}"), format!("({}): {}", channel.kind, error.message().trim()))])?;
+                let config: switchboard_webchat::Config =
+                    options.try_into().map_err(|error: toml::de::Error| {
+                        vec![(
+                            format!("channels.{index}"),
+                            format!("({}): {}", channel.kind, error.message().trim()),
+                        )]
+                    })?;
                 let problems = config.validate();
                 if problems.is_empty() {
                     Ok(ChannelAdapter::Webchat(config.build()))

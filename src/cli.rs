@@ -15,7 +15,11 @@ use crate::router::decide::{ConversationView, CustomerView, Identity, Input, Sig
 use crate::router::rules::RuleSet;
 
 #[derive(Debug, Parser)]
-#[command(name = "switchboard", version, about = "Omnichannel message-routing daemon")]
+#[command(
+    name = "switchboard",
+    version,
+    about = "Omnichannel message-routing daemon"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -118,7 +122,11 @@ pub fn check(config_path: Option<&Path>, rules_override: Option<&Path>) -> ExitC
 }
 
 /// `switchboard explain`: the decision for one message as JSON; publishes nothing.
-pub fn explain(config_path: Option<&Path>, rules_override: Option<&Path>, message: &Path) -> ExitCode {
+pub fn explain(
+    config_path: Option<&Path>,
+    rules_override: Option<&Path>,
+    message: &Path,
+) -> ExitCode {
     let loaded = match load_config(config_path) {
         Ok(loaded) => loaded,
         Err(code) => return code,
@@ -200,7 +208,10 @@ pub fn explain(config_path: Option<&Path>, rules_override: Option<&Path>, messag
         "rules_version": rules.version,
     });
     // A JSON value always pretty-prints.
-    println!("{}", serde_json::to_string_pretty(&output).expect("JSON prints"));
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&output).expect("JSON prints")
+    );
     ExitCode::SUCCESS
 }
 

@@ -7,9 +7,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config, rules } => cli::check(config.as_deref(), rules.as_deref()),
-        Command::Explain { config, rules, message } => {
-            cli::explain(config.as_deref(), rules.as_deref(), &message)
-        }
+        Command::Explain {
+            config,
+            rules,
+            message,
+        } => cli::explain(config.as_deref(), rules.as_deref(), &message),
         Command::Run { config, rules } => {
             let loaded = match cli::load_config(config.as_deref()) {
                 Ok(loaded) => loaded,

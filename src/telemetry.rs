@@ -40,7 +40,10 @@ fn describe() {
         "switchboard_messages_received_total",
         "Webhook requests per channel kind and outcome (accepted, refused)."
     );
-    describe_counter!("switchboard_assignments_total", "Assignments published per agent queue.");
+    describe_counter!(
+        "switchboard_assignments_total",
+        "Assignments published per agent queue."
+    );
     describe_histogram!(
         "switchboard_routing_latency_seconds",
         "Router batch latency: taken from the router queue to committed assignment."
@@ -49,9 +52,24 @@ fn describe() {
         "switchboard_publish_failures_total",
         "Publishes the bus did not confirm, per stage."
     );
-    describe_counter!("switchboard_bus_reconnects_total", "RabbitMQ reconnections.");
-    describe_counter!("switchboard_dead_letters_total", "Poison messages moved to the dead queue.");
-    describe_counter!("switchboard_duplicates_total", "Redelivered or retried messages acknowledged without a second assignment.");
-    describe_counter!("switchboard_rules_reloads_total", "Rule set reloads applied.");
-    describe_counter!("switchboard_rules_reload_failures_total", "Rule set reloads refused (the old set keeps routing).");
+    describe_counter!(
+        "switchboard_bus_reconnects_total",
+        "RabbitMQ reconnections."
+    );
+    describe_counter!(
+        "switchboard_dead_letters_total",
+        "Poison messages moved to the dead queue."
+    );
+    describe_counter!(
+        "switchboard_duplicates_total",
+        "Redelivered or retried messages acknowledged without a second assignment."
+    );
+    describe_counter!(
+        "switchboard_rules_reloads_total",
+        "Rule set reloads applied."
+    );
+    describe_counter!(
+        "switchboard_rules_reload_failures_total",
+        "Rule set reloads refused (the old set keeps routing)."
+    );
 }

@@ -16,27 +16,60 @@ async fn messages_land_once_in_the_rule_queue_with_priority_by_urgency() {
     let daemon = Daemon::start(DaemonConfig::new(&prefix)).await;
     daemon.wait_ready().await;
 
-    let (status, body) = daemon.post("chat", &chat("m-refund", "visitor-1", "I need a refund please")).await;
+    let (status, body) = daemon
+        .post(
+            "chat",
+            &chat("m-refund", "visitor-1", "I need a refund please"),
+        )
+        .await;
     assert_eq!(status, 200, "{body}");
     let message_id = body["message_id"].as_str().expect("message_id").to_owned();
-    let (status, _) = daemon.post("chat", &chat("m-hours", "visitor-2", "What are your opening hours?")).await;
+    let (status, _) = daemon
+        .post(
+            "chat",
+            &chat("m-hours", "visitor-2", "What are your opening hours?"),
+        )
+        .await;
     assert_eq!(status, 200);
     let vip = json!({"message_id": "m-vip", "customer": {"id": "visitor-3", "email": "Vip@Example.com"},
                      "text": "REFUND NOW!! CHARGED TWICE", "attributes": {"tier": "vip"}});
     let (status, _) = daemon.post("chat", &vip.to_string()).await;
     assert_eq!(status, 200);
 
-    let billing = collect(&rabbit, &format!("{prefix}.queue.billing"), 2, Duration::from_secs(10)).await;
-    let general = collect(&rabbit, &format!("{prefix}.queue.general"), 1, Duration::from_secs(5)).await;
-    assert_eq!(billing.len(), 2, "exactly the two billing messages: {billing:?}");
-    assert_eq!(general.len(), 1, "exactly the one general message: {general:?}");
+    let billing = collect(
+        &rabbit,
+        &format!("{prefix}.queue.billing"),
+        2,
+        Duration::from_secs(10),
+    )
+    .await;
+    let general = collect(
+        &rabbit,
+        &format!("{prefix}.queue.general"),
+        1,
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(
+        billing.len(),
+        2,
+        "exactly the two billing messages: {billing:?}"
+    );
+    assert_eq!(
+        general.len(),
+        1,
+        "exactly the one general message: {general:?}"
+    );
 
     // The priority queue hands out the VIP refund first.
     let (vip_priority, vip_event) = &billing[0];
     let (plain_priority, plain_event) = &billing[1];
     assert_eq!(vip_event["data"]["message"]["external_id"], "m-vip");
     assert_eq!(plain_event["data"]["message"]["external_id"], "m-refund");
-    assert!(vip_priority > plain_priority, "{vip_priority} > {plain_priority}");
+    assert!(
+        vip_priority > plain_priority,
+        "{vip_priority} > {plain_priority}"
+    );
 
     let data = &plain_event["data"];
     assert_eq!(plain_event["specversion"], "1.0");
@@ -47,24 +80,42 @@ async fn messages_land_once_in_the_rule_queue_with_priority_by_urgency() {
     assert_eq!(*plain_priority, 1, "AMQP priority = urgency / 10");
     assert_eq!(data["message"]["message_id"], message_id.as_str());
     assert_eq!(data["message"]["text"], "I need a refund please");
-    assert!(data["conversation_id"].as_str().is_some_and(|s| !s.is_empty()));
+    assert!(
+        data["conversation_id"]
+            .as_str()
+            .is_some_and(|s| !s.is_empty())
+    );
     assert!(data["customer_id"].as_str().is_some_and(|s| !s.is_empty()));
     assert_eq!(data["skills"], json!(["billing"]));
     let rules = data["explanation"]["rules"].as_array().expect("rules");
     assert_eq!(rules.len(), 1);
     assert_eq!(rules[0]["id"], "refunds");
-    assert!(rules[0]["file"].as_str().unwrap().ends_with("20-rules.toml"));
+    assert!(
+        rules[0]["file"]
+            .as_str()
+            .unwrap()
+            .ends_with("20-rules.toml")
+    );
     assert!(rules[0]["line"].as_u64().unwrap() > 0);
 
     let vip = &vip_event["data"];
-    assert_eq!(vip["urgency"], 50, "refund 10 + vip 30 + shouting 10: {}", vip["explanation"]);
+    assert_eq!(
+        vip["urgency"], 50,
+        "refund 10 + vip 30 + shouting 10: {}",
+        vip["explanation"]
+    );
     assert_eq!(vip["priority"], 5);
     assert_eq!(vip["context"]["customer"]["attributes"]["tier"], "vip");
 
     let general = &general[0].1["data"];
     assert_eq!(general["queue"], "general");
     assert_eq!(general["urgency"], 0);
-    assert!(general["explanation"]["rules"].as_array().unwrap().is_empty());
+    assert!(
+        general["explanation"]["rules"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
 
     cleanup(&rabbit, &prefix, QUEUES).await;
 }
@@ -84,16 +135,34 @@ async fn a_retried_post_yields_exactly_one_assignment_even_across_a_restart() {
         assert_eq!(again, first, "a retry gets the same answer");
     }
     // After a restart the in-memory memory of ids is gone; the router's record still holds.
-    assert!(daemon.stop().await.success(), "clean exit on SIGTERM:\n{}", daemon.log());
+    assert!(
+        daemon.stop().await.success(),
+        "clean exit on SIGTERM:\n{}",
+        daemon.log()
+    );
     daemon.spawn().await;
     daemon.wait_ready().await;
     let (status, again) = daemon.post("chat", &body).await;
     assert_eq!(status, 200);
     assert_eq!(again, first);
 
-    let general = collect(&rabbit, &format!("{prefix}.queue.general"), 2, Duration::from_secs(5)).await;
-    assert_eq!(general.len(), 1, "one assignment for one message: {general:?}");
-    assert_eq!(depth(&rabbit, &format!("{prefix}.router")).await, 0, "the retries were consumed");
+    let general = collect(
+        &rabbit,
+        &format!("{prefix}.queue.general"),
+        2,
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(
+        general.len(),
+        1,
+        "one assignment for one message: {general:?}"
+    );
+    assert_eq!(
+        depth(&rabbit, &format!("{prefix}.router")).await,
+        0,
+        "the retries were consumed"
+    );
     cleanup(&rabbit, &prefix, QUEUES).await;
 }
 
@@ -123,7 +192,13 @@ async fn broker_outage_answers_503_and_the_retry_lands_once() {
     let (status, accepted) = daemon.post("chat", &body).await;
     assert_eq!(status, 200, "{accepted}");
 
-    let general = collect(&rabbit, &format!("{prefix}.queue.general"), 1, Duration::from_secs(10)).await;
+    let general = collect(
+        &rabbit,
+        &format!("{prefix}.queue.general"),
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
     assert_eq!(general.len(), 1, "{general:?}");
     assert_eq!(general[0].1["data"]["message"]["external_id"], "m-down");
     cleanup(&rabbit, &prefix, QUEUES).await;
@@ -138,20 +213,41 @@ async fn a_crash_between_store_commit_and_ack_assigns_exactly_once() {
     // Restart with the failpoint armed: the router aborts after recording its decision and
     // before publishing + acknowledging, as a SIGKILL at that instant would.
     daemon.kill9();
-    daemon.spawn_with_env(&[("SWITCHBOARD_FAILPOINT", "router.after_record")]).await;
+    daemon
+        .spawn_with_env(&[("SWITCHBOARD_FAILPOINT", "router.after_record")])
+        .await;
     daemon.wait_ready().await;
-    let (status, _) = daemon.post("chat", &chat("m-crash", "visitor-1", "my invoice is wrong")).await;
-    assert_eq!(status, 200, "the webhook is answered once the broker confirmed");
+    let (status, _) = daemon
+        .post("chat", &chat("m-crash", "visitor-1", "my invoice is wrong"))
+        .await;
+    assert_eq!(
+        status, 200,
+        "the webhook is answered once the broker confirmed"
+    );
     let status = daemon.wait_exit(Duration::from_secs(10)).await;
     assert!(!status.success(), "the failpoint aborted the daemon");
-    assert_eq!(depth(&rabbit, &format!("{prefix}.queue.billing")).await, 0, "nothing published before the crash");
+    assert_eq!(
+        depth(&rabbit, &format!("{prefix}.queue.billing")).await,
+        0,
+        "nothing published before the crash"
+    );
 
     daemon.spawn().await;
     daemon.wait_ready().await;
-    let billing = collect(&rabbit, &format!("{prefix}.queue.billing"), 1, Duration::from_secs(10)).await;
+    let billing = collect(
+        &rabbit,
+        &format!("{prefix}.queue.billing"),
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
     assert_eq!(billing.len(), 1, "{billing:?}");
     assert_eq!(billing[0].1["data"]["message"]["external_id"], "m-crash");
-    assert!(daemon.log().contains("Redelivered before its commit"), "{}", daemon.log());
+    assert!(
+        daemon.log().contains("Redelivered before its commit"),
+        "{}",
+        daemon.log()
+    );
     cleanup(&rabbit, &prefix, QUEUES).await;
 }
 
@@ -183,10 +279,21 @@ async fn sigkill_under_load_loses_nothing_and_doubles_nothing() {
             assert_eq!(status, 200, "{answer}");
         }
     }
-    let general = collect(&rabbit, &format!("{prefix}.queue.general"), TOTAL, Duration::from_secs(30)).await;
+    let general = collect(
+        &rabbit,
+        &format!("{prefix}.queue.general"),
+        TOTAL,
+        Duration::from_secs(30),
+    )
+    .await;
     let mut ids: Vec<String> = general
         .iter()
-        .map(|(_, e)| e["data"]["message"]["external_id"].as_str().unwrap().to_owned())
+        .map(|(_, e)| {
+            e["data"]["message"]["external_id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
         .collect();
     ids.sort();
     let mut unique = ids.clone();
@@ -201,15 +308,53 @@ async fn bad_inputs_get_clear_errors_and_publish_nothing() {
     let rabbit = rabbit().await;
     let prefix = prefix("bad");
     let mut config = DaemonConfig::new(&prefix);
-    config.channels.push_str("\n[[channels]]\nid = \"signed\"\nkind = \"webchat\"\nsecret = \"s3cret-value\"\n");
+    config.channels.push_str(
+        "\n[[channels]]\nid = \"signed\"\nkind = \"webchat\"\nsecret = \"s3cret-value\"\n",
+    );
     let daemon = Daemon::start(config).await;
     daemon.wait_ready().await;
 
-    let cases: Vec<(&str, &str, Vec<u8>, Vec<(&str, String)>, u16, &str)> = vec![
-        ("invalid JSON", "chat", b"{not json".to_vec(), vec![], 400, "body"),
-        ("missing text", "chat", br#"{"customer": {"id": "v"}}"#.to_vec(), vec![], 400, "text"),
-        ("empty text", "chat", br#"{"customer": {"id": "v"}, "text": "   "}"#.to_vec(), vec![], 400, "text"),
-        ("1 MiB body", "chat", vec![b' '; 1024 * 1024], vec![], 413, ""),
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        Vec<u8>,
+        Vec<(&'a str, String)>,
+        u16,
+        &'a str,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            "invalid JSON",
+            "chat",
+            b"{not json".to_vec(),
+            vec![],
+            400,
+            "body",
+        ),
+        (
+            "missing text",
+            "chat",
+            br#"{"customer": {"id": "v"}}"#.to_vec(),
+            vec![],
+            400,
+            "text",
+        ),
+        (
+            "empty text",
+            "chat",
+            br#"{"customer": {"id": "v"}, "text": "   "}"#.to_vec(),
+            vec![],
+            400,
+            "text",
+        ),
+        (
+            "1 MiB body",
+            "chat",
+            vec![b' '; 1024 * 1024],
+            vec![],
+            413,
+            "",
+        ),
         (
             "wrong signature",
             "signed",
@@ -218,13 +363,32 @@ async fn bad_inputs_get_clear_errors_and_publish_nothing() {
             401,
             "",
         ),
-        ("missing signature", "signed", chat("m-y", "v", "hi").into_bytes(), vec![], 401, ""),
-        ("unknown channel", "nope", chat("m-z", "v", "hi").into_bytes(), vec![], 404, ""),
+        (
+            "missing signature",
+            "signed",
+            chat("m-y", "v", "hi").into_bytes(),
+            vec![],
+            401,
+            "",
+        ),
+        (
+            "unknown channel",
+            "nope",
+            chat("m-z", "v", "hi").into_bytes(),
+            vec![],
+            404,
+            "",
+        ),
     ];
     for (what, channel, body, headers, expected, field) in cases {
         let (status, answer) = daemon.post_with(channel, body, &headers).await;
         assert_eq!(status, expected, "{what}: {answer}");
-        assert!(answer["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{what}: {answer}");
+        assert!(
+            answer["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{what}: {answer}"
+        );
         if !field.is_empty() {
             assert_eq!(answer["error"]["field"], field, "{what}: {answer}");
         }
@@ -234,12 +398,26 @@ async fn bad_inputs_get_clear_errors_and_publish_nothing() {
     let body = chat("m-ok", "v", "hello");
     let signature = signed(b"s3cret-value", body.as_bytes());
     let (status, answer) = daemon
-        .post_with("signed", body.into_bytes(), &[("X-Switchboard-Signature", signature)])
+        .post_with(
+            "signed",
+            body.into_bytes(),
+            &[("X-Switchboard-Signature", signature)],
+        )
         .await;
     assert_eq!(status, 200, "{answer}");
 
-    let general = collect(&rabbit, &format!("{prefix}.queue.general"), 1, Duration::from_secs(5)).await;
-    assert_eq!(general.len(), 1, "only the valid message was published: {general:?}");
+    let general = collect(
+        &rabbit,
+        &format!("{prefix}.queue.general"),
+        1,
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(
+        general.len(),
+        1,
+        "only the valid message was published: {general:?}"
+    );
     assert_eq!(depth(&rabbit, &format!("{prefix}.dead")).await, 0);
     cleanup(&rabbit, &prefix, QUEUES).await;
 }
@@ -255,24 +433,49 @@ async fn poison_messages_go_to_the_dead_queue_with_a_reason() {
     let daemon = Daemon::start(DaemonConfig::new(&prefix)).await;
     daemon.wait_ready().await;
 
-    publish_raw(&rabbit, &format!("{prefix}.inbound"), "webchat.chat", b"\x00 not an event").await;
-    let (status, _) = daemon.post("chat", &chat("m-after", "v", "still routing?")).await;
+    publish_raw(
+        &rabbit,
+        &format!("{prefix}.inbound"),
+        "webchat.chat",
+        b"\x00 not an event",
+    )
+    .await;
+    let (status, _) = daemon
+        .post("chat", &chat("m-after", "v", "still routing?"))
+        .await;
     assert_eq!(status, 200);
 
-    let general = collect(&rabbit, &format!("{prefix}.queue.general"), 1, Duration::from_secs(5)).await;
+    let general = collect(
+        &rabbit,
+        &format!("{prefix}.queue.general"),
+        1,
+        Duration::from_secs(5),
+    )
+    .await;
     assert_eq!(general.len(), 1, "routing goes on after a poison message");
     let channel = rabbit.create_channel().await.unwrap();
     let dead = channel
-        .basic_get(format!("{prefix}.dead").as_str().into(), lapin::options::BasicGetOptions { no_ack: true })
+        .basic_get(
+            format!("{prefix}.dead").as_str().into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
         .await
         .unwrap()
         .expect("the poison message is in the dead queue");
     assert_eq!(dead.delivery.data, b"\x00 not an event");
     let headers = dead.delivery.properties.headers().clone().expect("headers");
-    let reason = headers.inner().get("x-switchboard-reason").expect("reason header");
-    let lapin::types::AMQPValue::LongString(reason) = reason else { panic!("{reason:?}") };
+    let reason = headers
+        .inner()
+        .get("x-switchboard-reason")
+        .expect("reason header");
+    let lapin::types::AMQPValue::LongString(reason) = reason else {
+        panic!("{reason:?}")
+    };
     let reason = String::from_utf8_lossy(reason.as_bytes());
-    assert!(reason.starts_with("not a normalized message event"), "{reason}");
+    assert!(
+        reason.starts_with("not a normalized message event"),
+        "{reason}"
+    );
     cleanup(&rabbit, &prefix, QUEUES).await;
 }
 
@@ -288,27 +491,73 @@ async fn sighup_reloads_rules_and_a_bad_set_keeps_the_old_one() {
     let daemon = Daemon::start(config).await;
     daemon.wait_ready().await;
 
-    daemon.post("chat", &chat("m-1", "v", "I want to buy")).await;
-    let general = collect(&rabbit, &format!("{prefix}.queue.general"), 1, Duration::from_secs(5)).await;
+    daemon
+        .post("chat", &chat("m-1", "v", "I want to buy"))
+        .await;
+    let general = collect(
+        &rabbit,
+        &format!("{prefix}.queue.general"),
+        1,
+        Duration::from_secs(5),
+    )
+    .await;
     assert_eq!(general.len(), 1);
 
     let sales_rule = "[[rule]]\nid = \"buy\"\nwhen = 'message.text.contains(\"buy\")'\nrequire_skills = [\"sales\"]\n";
     write_rules(rules.path(), &[("20-rules.toml", sales_rule)]);
     daemon.signal("HUP");
     tokio::time::sleep(Duration::from_millis(500)).await;
-    daemon.post("chat", &chat("m-2", "v", "I want to buy")).await;
-    let sales = collect(&rabbit, &format!("{prefix}.queue.sales"), 1, Duration::from_secs(5)).await;
+    daemon
+        .post("chat", &chat("m-2", "v", "I want to buy"))
+        .await;
+    let sales = collect(
+        &rabbit,
+        &format!("{prefix}.queue.sales"),
+        1,
+        Duration::from_secs(5),
+    )
+    .await;
     assert_eq!(sales.len(), 1, "the reloaded rule routes to sales");
 
-    write_rules(rules.path(), &[("20-rules.toml", "[[rule]]\nid = \"buy\"\nwhen = 'message.text.contains('\n")]);
+    write_rules(
+        rules.path(),
+        &[(
+            "20-rules.toml",
+            "[[rule]]\nid = \"buy\"\nwhen = 'message.text.contains('\n",
+        )],
+    );
     daemon.signal("HUP");
     tokio::time::sleep(Duration::from_millis(500)).await;
-    daemon.post("chat", &chat("m-3", "v", "I want to buy")).await;
-    let sales = collect(&rabbit, &format!("{prefix}.queue.sales"), 1, Duration::from_secs(5)).await;
-    assert_eq!(sales.len(), 1, "the broken edit was refused; the old rules still route");
-    assert!(daemon.log().contains("Routing rules refused"), "{}", daemon.log());
+    daemon
+        .post("chat", &chat("m-3", "v", "I want to buy"))
+        .await;
+    let sales = collect(
+        &rabbit,
+        &format!("{prefix}.queue.sales"),
+        1,
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(
+        sales.len(),
+        1,
+        "the broken edit was refused; the old rules still route"
+    );
+    assert!(
+        daemon.log().contains("Routing rules refused"),
+        "{}",
+        daemon.log()
+    );
 
-    let metrics = daemon.http.get(daemon.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let metrics = daemon
+        .http
+        .get(daemon.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     for name in [
         "switchboard_messages_received_total{channel_kind=\"webchat\",outcome=\"accepted\"} 3",
         "switchboard_assignments_total{queue=\"sales\"} 2",

@@ -15,7 +15,9 @@ use lapin::options::{
     ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer, Event, ExchangeKind};
+use lapin::{
+    BasicProperties, Channel, Connection, ConnectionProperties, Consumer, Event, ExchangeKind,
+};
 use switchboard_channel::envelope::{CLOUDEVENTS_CONTENT_TYPE, event_type};
 use switchboard_channel::{CloudEvent, NormalizedMessage, PublishError};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -116,11 +118,14 @@ impl AmqpBus {
     /// Publishes a normalized message to `<p>.inbound` and waits for the broker's confirm.
     pub async fn publish_inbound(&self, message: &NormalizedMessage) -> Result<(), PublishError> {
         if !self.is_connected() {
-            return Err(PublishError::Unavailable("not connected to RabbitMQ".into()));
+            return Err(PublishError::Unavailable(
+                "not connected to RabbitMQ".into(),
+            ));
         }
         let event = CloudEvent::message_received(message.clone());
-        let body = serde_json::to_vec(&event)
-            .map_err(|error| PublishError::Rejected(format!("cannot encode the message: {error}")))?;
+        let body = serde_json::to_vec(&event).map_err(|error| {
+            PublishError::Rejected(format!("cannot encode the message: {error}"))
+        })?;
         let properties = event_properties(&event.id, event_type::MESSAGE_RECEIVED);
         let (reply, response) = oneshot::channel();
         let request = PublishRequest {
@@ -149,7 +154,8 @@ impl AmqpBus {
             ))),
         };
         if result.is_err() {
-            metrics::counter!("switchboard_publish_failures_total", "stage" => "inbound").increment(1);
+            metrics::counter!("switchboard_publish_failures_total", "stage" => "inbound")
+                .increment(1);
         }
         result
     }
@@ -188,7 +194,9 @@ impl Shared {
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Properties of every Switchboard message: persistent CloudEvents JSON.
@@ -242,7 +250,9 @@ async fn supervise(
                 }
                 connection_tx.send_replace(None);
                 if cancel.is_cancelled() {
-                    let _ = connection.close(200, "switchboard shutting down".into()).await;
+                    let _ = connection
+                        .close(200, "switchboard shutting down".into())
+                        .await;
                     break;
                 }
                 metrics::counter!("switchboard_bus_reconnects_total").increment(1);
@@ -332,7 +342,10 @@ async fn declare_topology(
         )
         .await?;
     let mut router_args = FieldTable::default();
-    router_args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    router_args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
     router_args.insert(
         "x-dead-letter-exchange".into(),
         AMQPValue::LongString(topology.dlx().as_str().into()),
@@ -342,7 +355,11 @@ async fn declare_topology(
         AMQPValue::LongInt(i32::try_from(delivery_limit).unwrap_or(i32::MAX)),
     );
     channel
-        .queue_declare(topology.router().as_str().into(), durable_queue(), router_args)
+        .queue_declare(
+            topology.router().as_str().into(),
+            durable_queue(),
+            router_args,
+        )
         .await?;
     channel
         .queue_bind(
@@ -356,7 +373,11 @@ async fn declare_topology(
     Ok(())
 }
 
-async fn declare_agent_queue(channel: &Channel, topology: &Topology, queue: &str) -> Result<(), BusError> {
+async fn declare_agent_queue(
+    channel: &Channel,
+    topology: &Topology,
+    queue: &str,
+) -> Result<(), BusError> {
     let name = topology.agent_queue(queue);
     let mut args = FieldTable::default();
     args.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(10));
@@ -450,9 +471,9 @@ async fn run_publisher(
                 }
                 match confirm.await {
                     Ok(confirmation) if confirmation.is_nack() => {
-                        let _ = request
-                            .reply
-                            .send(Err(PublishError::Rejected("RabbitMQ nacked the message".into())));
+                        let _ = request.reply.send(Err(PublishError::Rejected(
+                            "RabbitMQ nacked the message".into(),
+                        )));
                     }
                     Ok(confirmation) => {
                         let result = match confirmation.take_message() {
@@ -477,16 +498,21 @@ async fn run_publisher(
         }
     }
     for request in carried {
-        let _ = request
-            .reply
-            .send(Err(PublishError::Unavailable("the bus is shutting down".into())));
+        let _ = request.reply.send(Err(PublishError::Unavailable(
+            "the bus is shutting down".into(),
+        )));
     }
 }
 
-async fn open_confirm_channel(shared: &Shared, cancel: &CancellationToken) -> Result<Channel, BusError> {
+async fn open_confirm_channel(
+    shared: &Shared,
+    cancel: &CancellationToken,
+) -> Result<Channel, BusError> {
     let connection = shared.connected(cancel).await?;
     let channel = connection.create_channel().await?;
-    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
     Ok(channel)
 }
 
@@ -508,9 +534,10 @@ impl AmqpRouterLink {
     async fn session(&mut self) -> Result<&mut Session, BusError> {
         if self.session.is_none() {
             let never = CancellationToken::new();
-            let connection = tokio::time::timeout(Duration::from_secs(1), self.shared.connected(&never))
-                .await
-                .map_err(|_| BusError::Disconnected)??;
+            let connection =
+                tokio::time::timeout(Duration::from_secs(1), self.shared.connected(&never))
+                    .await
+                    .map_err(|_| BusError::Disconnected)??;
             let channel = connection.create_channel().await?;
             channel
                 .basic_qos(self.shared.config.prefetch, BasicQosOptions::default())
@@ -539,7 +566,11 @@ impl AmqpRouterLink {
 impl RouterLink for AmqpRouterLink {
     async fn next_batch(&mut self, max: usize) -> Result<Vec<Delivery>, BusError> {
         let session = self.session().await?;
-        let first = session.consumer.next().await.ok_or(BusError::Disconnected)??;
+        let first = session
+            .consumer
+            .next()
+            .await
+            .ok_or(BusError::Disconnected)??;
         let mut batch = vec![first];
         while batch.len() < max {
             match session.consumer.next().now_or_never() {
@@ -590,7 +621,10 @@ impl RouterLink for AmqpRouterLink {
                 Outcome::Dead(reason) => {
                     let body = session.bodies.get(tag).cloned().unwrap_or_default();
                     let mut headers = FieldTable::default();
-                    headers.insert(REASON_HEADER.into(), AMQPValue::LongString(reason.as_str().into()));
+                    headers.insert(
+                        REASON_HEADER.into(),
+                        AMQPValue::LongString(reason.as_str().into()),
+                    );
                     headers.insert(
                         "x-switchboard-queue".into(),
                         AMQPValue::LongString(topology.router().as_str().into()),

@@ -161,13 +161,7 @@ pub fn load_text(
     let mut problems = Vec::new();
 
     apply_env(&mut document, env, &mut locations, &mut problems);
-    interpolate_table(
-        document.as_table_mut(),
-        "",
-        env,
-        &locations,
-        &mut problems,
-    );
+    interpolate_table(document.as_table_mut(), "", env, &locations, &mut problems);
 
     let mut unknown = Vec::new();
     let deserializer = toml_edit::de::Deserializer::from(document);
@@ -255,7 +249,12 @@ fn index_table(
     }
 }
 
-fn index_item(item: &Item, path: &str, lines: &LineIndex, out: &mut HashMap<String, (usize, usize)>) {
+fn index_item(
+    item: &Item,
+    path: &str,
+    lines: &LineIndex,
+    out: &mut HashMap<String, (usize, usize)>,
+) {
     match item {
         Item::Table(table) => index_table(table, path, lines, out),
         Item::ArrayOfTables(array) => {
@@ -344,11 +343,13 @@ fn apply_env(
 }
 
 fn lookup<'a>(value: &'a toml::Value, segments: &[String]) -> Option<&'a toml::Value> {
-    segments.iter().try_fold(value, |value, segment| match value {
-        toml::Value::Table(table) => table.get(segment),
-        toml::Value::Array(array) => array.get(segment.parse::<usize>().ok()?),
-        _ => None,
-    })
+    segments
+        .iter()
+        .try_fold(value, |value, segment| match value {
+            toml::Value::Table(table) => table.get(segment),
+            toml::Value::Array(array) => array.get(segment.parse::<usize>().ok()?),
+            _ => None,
+        })
 }
 
 /// Sets `segments` (a key path; an index selects a `[[table]]` entry) to `value`.
@@ -403,7 +404,13 @@ fn interpolate_item(
         Item::Table(table) => interpolate_table(table, path, env, locations, problems),
         Item::ArrayOfTables(array) => {
             for (index, table) in array.iter_mut().enumerate() {
-                interpolate_table(table, &join(path, &index.to_string()), env, locations, problems);
+                interpolate_table(
+                    table,
+                    &join(path, &index.to_string()),
+                    env,
+                    locations,
+                    problems,
+                );
             }
         }
         Item::Value(value) => interpolate_value(value, path, env, locations, problems),
@@ -419,19 +426,23 @@ fn interpolate_value(
     problems: &mut Vec<Problem>,
 ) {
     match value {
-        Value::String(text) if text.value().contains('$') => {
-            match interpolate(text.value(), env) {
-                Ok(expanded) => *value = Value::from(expanded),
-                Err(message) => problems.push(Problem {
-                    location: locations.locate(path),
-                    key: path.to_owned(),
-                    message,
-                }),
-            }
-        }
+        Value::String(text) if text.value().contains('$') => match interpolate(text.value(), env) {
+            Ok(expanded) => *value = Value::from(expanded),
+            Err(message) => problems.push(Problem {
+                location: locations.locate(path),
+                key: path.to_owned(),
+                message,
+            }),
+        },
         Value::Array(array) => {
             for (index, value) in array.iter_mut().enumerate() {
-                interpolate_value(value, &join(path, &index.to_string()), env, locations, problems);
+                interpolate_value(
+                    value,
+                    &join(path, &index.to_string()),
+                    env,
+                    locations,
+                    problems,
+                );
             }
         }
         Value::InlineTable(table) => {
@@ -458,16 +469,14 @@ pub(crate) fn interpolate(text: &str, env: &HashMap<String, String>) -> Result<S
                 .find('}')
                 .ok_or_else(|| format!("has an unclosed `${{` in {text:?}"))?;
             let name = &body[..end];
-            let valid = !name.is_empty()
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_');
+            let valid =
+                !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
             if !valid {
                 return Err(format!("`${{{name}}}` is not a valid variable name"));
             }
-            let value = env
-                .get(name)
-                .ok_or_else(|| format!("uses ${{{name}}}, but the environment variable {name} is not set"))?;
+            let value = env.get(name).ok_or_else(|| {
+                format!("uses ${{{name}}}, but the environment variable {name} is not set")
+            })?;
             out.push_str(value);
             rest = &body[end + 1..];
         } else {

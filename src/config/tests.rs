@@ -96,14 +96,20 @@ fn env_reaches_into_a_channel_entry() {
         "[[channels]]\nid = \"chat\"\nkind = \"webchat\"\n",
         &[("SWITCHBOARD__CHANNELS__3__SECRET", "x")],
     );
-    assert!(errors[0].contains("env SWITCHBOARD__CHANNELS__3__SECRET"), "{errors:?}");
+    assert!(
+        errors[0].contains("env SWITCHBOARD__CHANNELS__3__SECRET"),
+        "{errors:?}"
+    );
 }
 
 #[test]
 fn env_value_of_the_wrong_type_names_the_variable() {
     let errors = problems("", &[("SWITCHBOARD__BUS__PREFETCH", "lots")]);
     assert_eq!(errors.len(), 1, "{errors:?}");
-    assert!(errors[0].starts_with("env SWITCHBOARD__BUS__PREFETCH: `bus.prefetch`"), "{errors:?}");
+    assert!(
+        errors[0].starts_with("env SWITCHBOARD__BUS__PREFETCH: `bus.prefetch`"),
+        "{errors:?}"
+    );
 }
 
 #[test]
@@ -124,10 +130,21 @@ fn interpolates_variables_in_strings() {
 fn interpolation_rules() {
     let vars = env(&[("A", "x")]);
     assert_eq!(interpolate("${A}-${A}", &vars).unwrap(), "x-x");
-    assert_eq!(interpolate("$${A} costs $5", &vars).unwrap(), "${A} costs $5");
-    assert!(interpolate("${MISSING}", &vars).unwrap_err().contains("MISSING is not set"));
+    assert_eq!(
+        interpolate("$${A} costs $5", &vars).unwrap(),
+        "${A} costs $5"
+    );
+    assert!(
+        interpolate("${MISSING}", &vars)
+            .unwrap_err()
+            .contains("MISSING is not set")
+    );
     assert!(interpolate("${A", &vars).unwrap_err().contains("unclosed"));
-    assert!(interpolate("${A-B}", &vars).unwrap_err().contains("not a valid"));
+    assert!(
+        interpolate("${A-B}", &vars)
+            .unwrap_err()
+            .contains("not a valid")
+    );
 }
 
 #[test]
@@ -135,7 +152,9 @@ fn unset_variable_is_located() {
     let errors = problems("[http]\nadmin_token = \"${NOPE_TOKEN}\"\n", &[]);
     assert_eq!(
         errors,
-        vec!["sb.toml:2:1: `http.admin_token` uses ${NOPE_TOKEN}, but the environment variable NOPE_TOKEN is not set"]
+        vec![
+            "sb.toml:2:1: `http.admin_token` uses ${NOPE_TOKEN}, but the environment variable NOPE_TOKEN is not set"
+        ]
     );
 }
 
@@ -146,16 +165,28 @@ fn unknown_keys_are_all_reported_with_positions() {
         &[],
     );
     assert_eq!(errors.len(), 3, "{errors:?}");
-    assert!(errors[0].starts_with("sb.toml:2:1: `bus.prefx` is not a known key"), "{errors:?}");
-    assert!(errors[1].starts_with("sb.toml:4:2: `htp` is not a known key"), "{errors:?}");
-    assert!(errors[2].starts_with("sb.toml:7:1: `http.lisen` is not a known key"), "{errors:?}");
+    assert!(
+        errors[0].starts_with("sb.toml:2:1: `bus.prefx` is not a known key"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[1].starts_with("sb.toml:4:2: `htp` is not a known key"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[2].starts_with("sb.toml:7:1: `http.lisen` is not a known key"),
+        "{errors:?}"
+    );
 }
 
 #[test]
 fn wrong_type_names_file_line_and_key() {
     let errors = problems("[bus]\nprefix = \"ok\"\nprefetch = \"many\"\n", &[]);
     assert_eq!(errors.len(), 1, "{errors:?}");
-    assert!(errors[0].starts_with("sb.toml:3:1: `bus.prefetch` invalid type"), "{errors:?}");
+    assert!(
+        errors[0].starts_with("sb.toml:3:1: `bus.prefetch` invalid type"),
+        "{errors:?}"
+    );
 }
 
 #[test]
@@ -180,10 +211,22 @@ fn semantic_problems_are_all_reported() {
         &[],
     );
     assert_eq!(errors.len(), 4, "{errors:?}");
-    assert!(errors[0].starts_with("sb.toml:2:1: `bus.url`"), "{errors:?}");
-    assert!(errors[1].starts_with("sb.toml:3:1: `bus.prefix`"), "{errors:?}");
-    assert!(errors[2].starts_with("sb.toml:5:1: `http.admin_token`"), "{errors:?}");
-    assert!(errors[3].starts_with("sb.toml:10:1: `channels.1.id`"), "{errors:?}");
+    assert!(
+        errors[0].starts_with("sb.toml:2:1: `bus.url`"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[1].starts_with("sb.toml:3:1: `bus.prefix`"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[2].starts_with("sb.toml:5:1: `http.admin_token`"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[3].starts_with("sb.toml:10:1: `channels.1.id`"),
+        "{errors:?}"
+    );
 }
 
 #[test]
@@ -191,7 +234,13 @@ fn shipped_example_config_loads() {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("deploy/switchboard.example.toml");
     let loaded = load(
         Some(&path),
-        &env(&[("SWITCHBOARD_ADMIN_TOKEN", "0123456789abcdef0123456789abcdef"), ("WEBCHAT_SECRET", "s3cret")]),
+        &env(&[
+            (
+                "SWITCHBOARD_ADMIN_TOKEN",
+                "0123456789abcdef0123456789abcdef",
+            ),
+            ("WEBCHAT_SECRET", "s3cret"),
+        ]),
     )
     .unwrap_or_else(|problems| panic!("{problems}"));
     assert!(loaded.config.bus.url.is_some());

@@ -17,7 +17,13 @@ pub struct TestFailure {
 
 impl std::fmt::Display for TestFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: test \"{}\" failed: {}", self.location, self.name, self.problems.join("; "))
+        write!(
+            f,
+            "{}: test \"{}\" failed: {}",
+            self.location,
+            self.name,
+            self.problems.join("; ")
+        )
     }
 }
 
@@ -112,20 +118,32 @@ fn run_one(rules: &RuleSet, test: &RuleTest) -> Vec<String> {
     if let Some(least) = expect.urgency_at_least
         && decision.urgency < least
     {
-        problems.push(format!("expected urgency ≥ {least}, got {}", decision.urgency));
+        problems.push(format!(
+            "expected urgency ≥ {least}, got {}",
+            decision.urgency
+        ));
     }
     if let Some(most) = expect.urgency_at_most
         && decision.urgency > most
     {
-        problems.push(format!("expected urgency ≤ {most}, got {}", decision.urgency));
+        problems.push(format!(
+            "expected urgency ≤ {most}, got {}",
+            decision.urgency
+        ));
     }
     for tag in &expect.tags {
         if !decision.tags.contains(tag) {
-            problems.push(format!("expected tag `{tag}`, got {}", json!(decision.tags)));
+            problems.push(format!(
+                "expected tag `{tag}`, got {}",
+                json!(decision.tags)
+            ));
         }
     }
     for error in &decision.explanation.errors {
-        problems.push(format!("rule `{}` failed to evaluate: {}", error.id, error.error));
+        problems.push(format!(
+            "rule `{}` failed to evaluate: {}",
+            error.id, error.error
+        ));
     }
     problems
 }

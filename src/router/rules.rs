@@ -31,7 +31,11 @@ impl fmt::Display for Diagnostic {
         if self.line == 0 {
             write!(f, "{}: {}", self.file, self.message)
         } else {
-            write!(f, "{}:{}:{}: {}", self.file, self.line, self.col, self.message)
+            write!(
+                f,
+                "{}:{}:{}: {}",
+                self.file, self.line, self.col, self.message
+            )
         }
     }
 }
@@ -305,7 +309,11 @@ impl RuleSet {
                     }
                 };
                 if let Some(target) = &def.route_to {
-                    queue_refs.push((target.get_ref().clone(), at(target.span().start), "route_to"));
+                    queue_refs.push((
+                        target.get_ref().clone(),
+                        at(target.span().start),
+                        "route_to",
+                    ));
                 }
                 rules.push((
                     Rule {
@@ -357,7 +365,9 @@ impl RuleSet {
         match defaults.as_slice() {
             [_] => {}
             [] => diagnostics.push(Diagnostic {
-                file: files.first().map_or_else(|| "<rules>".to_owned(), |f| f.0.clone()),
+                file: files
+                    .first()
+                    .map_or_else(|| "<rules>".to_owned(), |f| f.0.clone()),
                 line: 0,
                 col: 0,
                 message: if queues.is_empty() {
@@ -382,10 +392,10 @@ impl RuleSet {
         let mut ids = HashMap::new();
         for (rule, location) in &rules {
             if let Some(first) = ids.insert(rule.id.clone(), location.clone()) {
-                diagnostics.push(location.diagnostic(format!(
-                    "rule id `{}` is already used at {first}",
-                    rule.id
-                )));
+                diagnostics.push(
+                    location
+                        .diagnostic(format!("rule id `{}` is already used at {first}", rule.id)),
+                );
             }
             for skill in &rule.require_skills {
                 if !skills.contains(skill.as_str()) {

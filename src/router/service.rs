@@ -118,7 +118,11 @@ impl Router {
         info!("Router stopped.");
     }
 
-    async fn handle_batch(&self, link: &mut impl RouterLink, batch: Vec<Delivery>) -> Result<(), String> {
+    async fn handle_batch(
+        &self,
+        link: &mut impl RouterLink,
+        batch: Vec<Delivery>,
+    ) -> Result<(), String> {
         let started = Instant::now();
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut publish_keys = Vec::new();
@@ -159,7 +163,11 @@ impl Router {
         }
     }
 
-    async fn handle(&self, delivery: &Delivery, in_batch: &mut HashSet<(String, String)>) -> Result<Handled, StoreError> {
+    async fn handle(
+        &self,
+        delivery: &Delivery,
+        in_batch: &mut HashSet<(String, String)>,
+    ) -> Result<Handled, StoreError> {
         let event: CloudEvent<NormalizedMessage> = match serde_json::from_slice(&delivery.body) {
             Ok(event) => event,
             Err(error) => return Ok(dead(format!("not a normalized message event: {error}"))),
@@ -169,7 +177,8 @@ impl Router {
         }
         let message = event.data;
         let key = (message.channel.id.clone(), message.external_id.clone());
-        let span = info_span!("route", channel = %message.channel.id, message_id = %message.message_id);
+        let span =
+            info_span!("route", channel = %message.channel.id, message_id = %message.message_id);
         async {
             if !in_batch.insert(key.clone()) {
                 debug!("Duplicate within the batch; acknowledged.");

@@ -73,7 +73,11 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Option<StoredDecision>, StoreError>;
 
     /// Finds or creates the customer behind the sender and their open conversation.
-    async fn resolve(&self, message: &NormalizedMessage, now_ms: i64) -> Result<Resolved, StoreError>;
+    async fn resolve(
+        &self,
+        message: &NormalizedMessage,
+        now_ms: i64,
+    ) -> Result<Resolved, StoreError>;
 
     /// Records messages and their decisions atomically; a key already recorded is left as is.
     async fn record(&self, records: &[Record], now_ms: i64) -> Result<(), StoreError>;

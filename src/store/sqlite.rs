@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::Value;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
 use sqlx::{Row, Sqlite, Transaction};
 use switchboard_channel::NormalizedMessage;
 use uuid::Uuid;
@@ -40,7 +42,9 @@ impl SqliteStore {
             .connect_with(options)
             .await
             .map_err(open_error)?;
-        sqlx::migrate!("src/store/migrations/sqlite").run(&pool).await?;
+        sqlx::migrate!("src/store/migrations/sqlite")
+            .run(&pool)
+            .await?;
         Ok(Self { pool })
     }
 
@@ -72,9 +76,19 @@ impl Store for SqliteStore {
         }))
     }
 
-    async fn resolve(&self, message: &NormalizedMessage, now_ms: i64) -> Result<Resolved, StoreError> {
+    async fn resolve(
+        &self,
+        message: &NormalizedMessage,
+        now_ms: i64,
+    ) -> Result<Resolved, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let customer_id = customer_for(&mut tx, &message.sender.kind, &message.sender.address, now_ms).await?;
+        let customer_id = customer_for(
+            &mut tx,
+            &message.sender.kind,
+            &message.sender.address,
+            now_ms,
+        )
+        .await?;
 
         let stored: String = sqlx::query_scalar("SELECT attributes FROM customers WHERE id = ?")
             .bind(&customer_id)
@@ -82,16 +96,18 @@ impl Store for SqliteStore {
             .await?;
         let attributes = merged_attributes(serde_json::from_str(&stored)?, message);
 
-        let identities = sqlx::query("SELECT kind, address FROM identities WHERE customer_id = ? ORDER BY created_at, kind")
-            .bind(&customer_id)
-            .fetch_all(&mut *tx)
-            .await?
-            .into_iter()
-            .map(|row| Identity {
-                kind: row.get("kind"),
-                address: row.get("address"),
-            })
-            .collect();
+        let identities = sqlx::query(
+            "SELECT kind, address FROM identities WHERE customer_id = ? ORDER BY created_at, kind",
+        )
+        .bind(&customer_id)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .map(|row| Identity {
+            kind: row.get("kind"),
+            address: row.get("address"),
+        })
+        .collect();
 
         let open = sqlx::query(
             "SELECT id, channels, message_count, opened_at, agent_id FROM conversations
@@ -228,7 +244,9 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await?;
             sqlx::query("UPDATE customers SET attributes = ?, last_seen_at = ? WHERE id = ?")
-                .bind(serde_json::to_string(&Value::Object(record.attributes.clone()))?)
+                .bind(serde_json::to_string(&Value::Object(
+                    record.attributes.clone(),
+                ))?)
                 .bind(now_ms)
                 .bind(&record.customer_id)
                 .execute(&mut *tx)
@@ -244,11 +262,13 @@ impl Store for SqliteStore {
         }
         let mut tx = self.pool.begin().await?;
         for (channel_id, external_id) in keys {
-            sqlx::query("UPDATE decisions SET published = 1 WHERE channel_id = ? AND external_id = ?")
-                .bind(channel_id)
-                .bind(external_id)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "UPDATE decisions SET published = 1 WHERE channel_id = ? AND external_id = ?",
+            )
+            .bind(channel_id)
+            .bind(external_id)
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
         Ok(())
@@ -281,18 +301,22 @@ async fn customer_for(
         return Ok(id);
     }
     let id = Uuid::new_v4().to_string();
-    sqlx::query("INSERT INTO customers (id, attributes, created_at, last_seen_at) VALUES (?, '{}', ?, ?)")
-        .bind(&id)
-        .bind(now_ms)
-        .bind(now_ms)
-        .execute(&mut **tx)
-        .await?;
-    sqlx::query("INSERT INTO identities (kind, address, customer_id, created_at) VALUES (?, ?, ?, ?)")
-        .bind(kind)
-        .bind(address)
-        .bind(&id)
-        .bind(now_ms)
-        .execute(&mut **tx)
-        .await?;
+    sqlx::query(
+        "INSERT INTO customers (id, attributes, created_at, last_seen_at) VALUES (?, '{}', ?, ?)",
+    )
+    .bind(&id)
+    .bind(now_ms)
+    .bind(now_ms)
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO identities (kind, address, customer_id, created_at) VALUES (?, ?, ?, ?)",
+    )
+    .bind(kind)
+    .bind(address)
+    .bind(&id)
+    .bind(now_ms)
+    .execute(&mut **tx)
+    .await?;
     Ok(id)
 }

@@ -13,10 +13,17 @@ async fn store() -> (tempfile::TempDir, SqliteStore) {
 fn message(id: &str, sender: &str, kind: &str) -> NormalizedMessage {
     NormalizedMessage {
         message_id: NormalizedMessage::stable_id("chat", id),
-        channel: ChannelRef { id: "chat".into(), kind: kind.into() },
+        channel: ChannelRef {
+            id: "chat".into(),
+            kind: kind.into(),
+        },
         external_id: id.into(),
         thread_key: None,
-        sender: Sender { kind: "webchat".into(), address: sender.into(), name: None },
+        sender: Sender {
+            kind: "webchat".into(),
+            address: sender.into(),
+            name: None,
+        },
         subject: None,
         text: "hi".into(),
         attachments: vec![],
@@ -58,10 +65,16 @@ async fn same_sender_same_customer_and_conversation() {
     assert_eq!(b.customer.channels_used, vec!["webchat"]);
     assert_eq!(
         b.customer.identities,
-        vec![crate::router::decide::Identity { kind: "webchat".into(), address: "visitor-1".into() }]
+        vec![crate::router::decide::Identity {
+            kind: "webchat".into(),
+            address: "visitor-1".into()
+        }]
     );
 
-    let other = store.resolve(&message("m-3", "visitor-2", "webchat"), 3_000).await.unwrap();
+    let other = store
+        .resolve(&message("m-3", "visitor-2", "webchat"), 3_000)
+        .await
+        .unwrap();
     assert_ne!(other.customer.id, a.customer.id);
     assert_ne!(other.conversation.id, a.conversation.id);
 }
@@ -85,27 +98,51 @@ async fn decisions_are_recorded_once_and_marked_published() {
     assert_eq!(stored.assignment, "{\"for\": \"m-1\"}");
     assert!(!stored.published);
 
-    store.mark_published(&[("chat".into(), "m-1".into())]).await.unwrap();
-    assert!(store.decision("chat", "m-1").await.unwrap().unwrap().published);
+    store
+        .mark_published(&[("chat".into(), "m-1".into())])
+        .await
+        .unwrap();
+    assert!(
+        store
+            .decision("chat", "m-1")
+            .await
+            .unwrap()
+            .unwrap()
+            .published
+    );
 
-    let again = store.resolve(&message("m-2", "visitor-1", "webchat"), 2_000).await.unwrap();
-    assert_eq!(again.conversation.message_count, 1, "the duplicate did not count");
+    let again = store
+        .resolve(&message("m-2", "visitor-1", "webchat"), 2_000)
+        .await
+        .unwrap();
+    assert_eq!(
+        again.conversation.message_count, 1,
+        "the duplicate did not count"
+    );
 }
 
 #[tokio::test]
 async fn attributes_merge_and_persist() {
     let (_dir, store) = store().await;
     let mut m = message("m-1", "visitor-1", "webchat");
-    m.metadata.insert("attributes".into(), json!({"tier": "vip", "plan": "pro"}));
+    m.metadata
+        .insert("attributes".into(), json!({"tier": "vip", "plan": "pro"}));
     let resolved = store.resolve(&m, 1_000).await.unwrap();
     assert_eq!(resolved.customer.attributes["tier"], "vip");
     store.record(&[record(&m, &resolved)], 1_000).await.unwrap();
 
     let mut next = message("m-2", "visitor-1", "webchat");
-    next.metadata.insert("attributes".into(), json!({"plan": "enterprise"}));
+    next.metadata
+        .insert("attributes".into(), json!({"plan": "enterprise"}));
     let resolved = store.resolve(&next, 2_000).await.unwrap();
-    assert_eq!(resolved.customer.attributes["tier"], "vip", "kept from before");
-    assert_eq!(resolved.customer.attributes["plan"], "enterprise", "updated");
+    assert_eq!(
+        resolved.customer.attributes["tier"], "vip",
+        "kept from before"
+    );
+    assert_eq!(
+        resolved.customer.attributes["plan"], "enterprise",
+        "updated"
+    );
 }
 
 #[tokio::test]
@@ -116,7 +153,10 @@ async fn channels_used_accumulate_without_duplicates() {
         let resolved = store.resolve(&m, 1_000).await.unwrap();
         store.record(&[record(&m, &resolved)], 1_000).await.unwrap();
     }
-    let resolved = store.resolve(&message("m-9", "visitor-1", "webchat"), 2_000).await.unwrap();
+    let resolved = store
+        .resolve(&message("m-9", "visitor-1", "webchat"), 2_000)
+        .await
+        .unwrap();
     assert_eq!(resolved.customer.channels_used, vec!["webchat", "email"]);
 }
 
@@ -126,7 +166,10 @@ async fn contacts_last_24h_forgets_old_messages() {
     let m = message("m-1", "visitor-1", "webchat");
     let resolved = store.resolve(&m, 0).await.unwrap();
     store.record(&[record(&m, &resolved)], 0).await.unwrap();
-    let later = store.resolve(&message("m-2", "visitor-1", "webchat"), DAY_MS_FOR_TEST + 1).await.unwrap();
+    let later = store
+        .resolve(&message("m-2", "visitor-1", "webchat"), DAY_MS_FOR_TEST + 1)
+        .await
+        .unwrap();
     assert_eq!(later.customer.contacts_last_24h, 1);
 }
 
@@ -134,6 +177,14 @@ const DAY_MS_FOR_TEST: i64 = 24 * 60 * 60 * 1000;
 
 #[tokio::test]
 async fn unwritable_location_is_a_clear_error() {
-    let error = SqliteStore::open("sqlite:///proc/nope/s.db").await.err().unwrap();
-    assert!(error.to_string().contains("cannot open the store at sqlite:///proc/nope/s.db"), "{error}");
+    let error = SqliteStore::open("sqlite:///proc/nope/s.db")
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        error
+            .to_string()
+            .contains("cannot open the store at sqlite:///proc/nope/s.db"),
+        "{error}"
+    );
 }

@@ -9,8 +9,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueDeleteOptions, ExchangeDeleteOptions};
+use lapin::options::{
+    BasicGetOptions, BasicPublishOptions, ExchangeDeleteOptions, QueueDeleteOptions,
+};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::Value;
 use tokio::net::TcpStream;
@@ -146,8 +147,15 @@ impl Daemon {
             if TcpStream::connect(("127.0.0.1", self.port)).await.is_ok() {
                 return;
             }
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("switchboard exited during start ({status}):\n{}", self.log());
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "switchboard exited during start ({status}):\n{}",
+                    self.log()
+                );
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
@@ -180,8 +188,16 @@ impl Daemon {
         self.post_with(channel, body.as_bytes().to_vec(), &[]).await
     }
 
-    pub async fn post_with(&self, channel: &str, body: Vec<u8>, headers: &[(&str, String)]) -> (u16, Value) {
-        let mut request = self.http.post(self.url(&format!("/webhooks/{channel}"))).body(body);
+    pub async fn post_with(
+        &self,
+        channel: &str,
+        body: Vec<u8>,
+        headers: &[(&str, String)],
+    ) -> (u16, Value) {
+        let mut request = self
+            .http
+            .post(self.url(&format!("/webhooks/{channel}")))
+            .body(body);
         for (name, value) in headers {
             request = request.header(*name, value);
         }
@@ -221,7 +237,11 @@ impl Daemon {
                 self.child = None;
                 return status;
             }
-            assert!(Instant::now() < deadline, "switchboard did not exit:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "switchboard did not exit:\n{}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -259,7 +279,12 @@ pub async fn drain(connection: &Connection, queue: &str) -> Vec<(u8, Value)> {
 
 /// Waits until `queue` holds `count` messages (or the deadline), then drains it. Afterwards it
 /// waits a little longer to catch any extra (duplicate) message.
-pub async fn collect(connection: &Connection, queue: &str, count: usize, within: Duration) -> Vec<(u8, Value)> {
+pub async fn collect(
+    connection: &Connection,
+    queue: &str,
+    count: usize,
+    within: Duration,
+) -> Vec<(u8, Value)> {
     let deadline = Instant::now() + within;
     loop {
         let depth = depth(connection, queue).await;
@@ -277,7 +302,10 @@ pub async fn depth(connection: &Connection, queue: &str) -> usize {
     let declared = channel
         .queue_declare(
             queue.into(),
-            lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
             Default::default(),
         )
         .await
@@ -294,7 +322,13 @@ pub async fn publish_raw(connection: &Connection, exchange: &str, key: &str, bod
         .await
         .expect("confirm");
     channel
-        .basic_publish(exchange.into(), key.into(), BasicPublishOptions::default(), body, BasicProperties::default())
+        .basic_publish(
+            exchange.into(),
+            key.into(),
+            BasicPublishOptions::default(),
+            body,
+            BasicProperties::default(),
+        )
         .await
         .expect("publish")
         .await
@@ -309,11 +343,16 @@ pub async fn cleanup(connection: &Connection, prefix: &str, queues: &[&str]) {
         .map(|q| format!("{prefix}.queue.{q}"))
         .chain(["router", "dead"].iter().map(|q| format!("{prefix}.{q}")))
     {
-        let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
+        let _ = channel
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await;
     }
     for exchange in ["inbound", "assign", "outbound", "events", "dlx"] {
         let _ = channel
-            .exchange_delete(format!("{prefix}.{exchange}").as_str().into(), ExchangeDeleteOptions::default())
+            .exchange_delete(
+                format!("{prefix}.{exchange}").as_str().into(),
+                ExchangeDeleteOptions::default(),
+            )
             .await;
     }
 }
@@ -329,7 +368,9 @@ pub struct Proxy {
 
 impl Proxy {
     pub async fn start(upstream: &str) -> Proxy {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let port = listener.local_addr().expect("addr").port();
         let upstream: SocketAddr = upstream.parse().expect("upstream");
         let down = Arc::new(AtomicBool::new(false));
@@ -342,14 +383,18 @@ impl Proxy {
                     () = s.cancelled() => break,
                     accepted = listener.accept() => accepted,
                 };
-                let Ok((mut client, _)) = accepted else { continue };
+                let Ok((mut client, _)) = accepted else {
+                    continue;
+                };
                 if d.load(Ordering::SeqCst) {
                     drop(client);
                     continue;
                 }
                 let token = g.lock().unwrap().clone();
                 tokio::spawn(async move {
-                    let Ok(mut server) = TcpStream::connect(upstream).await else { return };
+                    let Ok(mut server) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
                     tokio::select! {
                         () = token.cancelled() => {}
                         _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
@@ -357,7 +402,12 @@ impl Proxy {
                 });
             }
         });
-        Proxy { port, down, generation, stop }
+        Proxy {
+            port,
+            down,
+            generation,
+            stop,
+        }
     }
 
     pub fn url(&self) -> String {
@@ -383,7 +433,8 @@ impl Drop for Proxy {
 
 /// A webchat body.
 pub fn chat(message_id: &str, visitor: &str, text: &str) -> String {
-    serde_json::json!({"message_id": message_id, "customer": {"id": visitor}, "text": text}).to_string()
+    serde_json::json!({"message_id": message_id, "customer": {"id": visitor}, "text": text})
+        .to_string()
 }
 
 pub fn write_rules(dir: &Path, files: &[(&str, &str)]) {
@@ -391,19 +442,4 @@ pub fn write_rules(dir: &Path, files: &[(&str, &str)]) {
     for (name, text) in files {
         std::fs::write(dir.join(name), text).expect("write rule file");
     }
-}
-
-#[allow(unused)]
-pub async fn consume_all(connection: &Connection, queue: &str) -> Vec<Value> {
-    let channel = connection.create_channel().await.expect("channel");
-    let mut consumer = channel
-        .basic_consume(queue.into(), "t".into(), Default::default(), Default::default())
-        .await
-        .expect("consume");
-    let mut out = Vec::new();
-    while let Ok(Some(Ok(delivery))) = tokio::time::timeout(Duration::from_millis(500), consumer.next()).await {
-        out.push(serde_json::from_slice(&delivery.data).expect("json"));
-        delivery.ack(Default::default()).await.expect("ack");
-    }
-    out
 }

@@ -10,8 +10,7 @@ use http::{Method, StatusCode};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use switchboard_channel::{
-    Adapter, ChannelContext, ChannelRef, NormalizedMessage, Sender, WebhookRequest,
-    WebhookResponse,
+    Adapter, ChannelContext, ChannelRef, NormalizedMessage, Sender, WebhookRequest, WebhookResponse,
 };
 use time::OffsetDateTime;
 
@@ -48,7 +47,11 @@ impl Adapter for TemplateAdapter {
 
     async fn handle(&self, ctx: &ChannelContext, request: WebhookRequest) -> WebhookResponse {
         if request.method != Method::POST {
-            return WebhookResponse::error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "POST only");
+            return WebhookResponse::error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "POST only",
+            );
         }
         // (2) Verify the platform's signature over `request.body` here; answer 401 on failure.
         let message = match convert(ctx.channel(), &request.body) {
@@ -57,9 +60,10 @@ impl Adapter for TemplateAdapter {
         };
         // Acknowledge upstream only after the bus confirmed: a 503 makes the platform retry.
         match ctx.publish(message).await {
-            Ok(published) => {
-                WebhookResponse::json(StatusCode::OK, json!({"message_id": published.message_id()}))
-            }
+            Ok(published) => WebhookResponse::json(
+                StatusCode::OK,
+                json!({"message_id": published.message_id()}),
+            ),
             Err(error) => WebhookResponse::publish_failed(&error),
         }
     }
@@ -67,10 +71,17 @@ impl Adapter for TemplateAdapter {
 
 /// (3) The platform's payload → normalized message. Keep it pure, and test it with golden
 /// fixtures recorded from the platform.
-pub fn convert(channel: &ChannelRef, body: &[u8]) -> Result<NormalizedMessage, (&'static str, String)> {
+pub fn convert(
+    channel: &ChannelRef,
+    body: &[u8],
+) -> Result<NormalizedMessage, (&'static str, String)> {
     let value: Value = serde_json::from_slice(body).map_err(|e| ("body", e.to_string()))?;
-    let id = value["id"].as_str().ok_or(("id", "is required".to_owned()))?;
-    let from = value["from"].as_str().ok_or(("from", "is required".to_owned()))?;
+    let id = value["id"]
+        .as_str()
+        .ok_or(("id", "is required".to_owned()))?;
+    let from = value["from"]
+        .as_str()
+        .ok_or(("from", "is required".to_owned()))?;
     let text = value["text"].as_str().filter(|t| !t.trim().is_empty());
     let text = text.ok_or(("text", "is required and must not be empty".to_owned()))?;
     Ok(NormalizedMessage {
@@ -78,7 +89,11 @@ pub fn convert(channel: &ChannelRef, body: &[u8]) -> Result<NormalizedMessage, (
         channel: channel.clone(),
         external_id: id.to_owned(),
         thread_key: None,
-        sender: Sender { kind: "webchat".into(), address: from.to_owned(), name: None },
+        sender: Sender {
+            kind: "webchat".into(),
+            address: from.to_owned(),
+            name: None,
+        },
         subject: None,
         text: text.to_owned(),
         attachments: Vec::new(),
@@ -95,13 +110,20 @@ mod tests {
 
     #[tokio::test]
     async fn template_conforms() {
-        let channel = ChannelRef { id: "t".into(), kind: "template".into() };
+        let channel = ChannelRef {
+            id: "t".into(),
+            kind: "template".into(),
+        };
         check_conformance(
             &Config::default().build(),
             Conformance {
                 channel,
                 valid: WebhookRequest::post(r#"{"id": "1", "from": "u", "text": "hi"}"#),
-                invalid: vec![("no text", WebhookRequest::post(r#"{"id": "1", "from": "u"}"#), StatusCode::BAD_REQUEST)],
+                invalid: vec![(
+                    "no text",
+                    WebhookRequest::post(r#"{"id": "1", "from": "u"}"#),
+                    StatusCode::BAD_REQUEST,
+                )],
             },
         )
         .await;

@@ -55,7 +55,10 @@ mod tests {
     #[test]
     fn accepts_own_signature_and_rejects_others() {
         let header = sign_sha256_header(b"s3cret", b"{}");
-        assert_eq!(verify_sha256_header(b"s3cret", b"{}", Some(&header)), Ok(()));
+        assert_eq!(
+            verify_sha256_header(b"s3cret", b"{}", Some(&header)),
+            Ok(())
+        );
         assert_eq!(
             verify_sha256_header(b"other", b"{}", Some(&header)),
             Err(SignatureError::Mismatch)

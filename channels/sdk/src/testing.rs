@@ -95,13 +95,23 @@ pub async fn check_conformance<A: Adapter>(adapter: &A, case: Conformance) -> No
         "the valid request was refused: {first:?}"
     );
     let retry = adapter.handle(&ctx, case.valid).await;
-    assert!(retry.status.is_success(), "the retry was refused: {retry:?}");
+    assert!(
+        retry.status.is_success(),
+        "the retry was refused: {retry:?}"
+    );
     assert_eq!(first.body, retry.body, "a retry must get the same answer");
 
     let messages = publisher.messages();
-    assert_eq!(messages.len(), 1, "one valid request, retried, publishes once");
+    assert_eq!(
+        messages.len(),
+        1,
+        "one valid request, retried, publishes once"
+    );
     let message = messages.into_iter().next().expect("length checked above");
-    assert_eq!(message.channel, case.channel, "the envelope names its channel");
+    assert_eq!(
+        message.channel, case.channel,
+        "the envelope names its channel"
+    );
     assert!(!message.external_id.is_empty(), "external_id is required");
     assert_eq!(
         message.message_id,

@@ -167,13 +167,19 @@ fn reject_unknown(
     match object.keys().find(|key| !known.contains(&key.as_str())) {
         Some(key) => Err(ConvertError::invalid(
             &format!("{prefix}{key}"),
-            format!("is not a known field (expected one of {})", known.join(", ")),
+            format!(
+                "is not a known field (expected one of {})",
+                known.join(", ")
+            ),
         )),
         None => Ok(()),
     }
 }
 
-fn optional_string(object: &Map<String, Value>, field: &str) -> Result<Option<String>, ConvertError> {
+fn optional_string(
+    object: &Map<String, Value>,
+    field: &str,
+) -> Result<Option<String>, ConvertError> {
     match object.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(value)) => Ok(Some(value.clone())),
@@ -239,7 +245,10 @@ mod tests {
         let body = include_str!("../tests/fixtures/design-example.json");
         let message = convert(&channel(), body.as_bytes()).unwrap();
         assert_eq!(message.external_id, "m-1");
-        assert_eq!(message.message_id, NormalizedMessage::stable_id("chat", "m-1"));
+        assert_eq!(
+            message.message_id,
+            NormalizedMessage::stable_id("chat", "m-1")
+        );
         assert_eq!(message.sender.kind, "webchat");
         assert_eq!(message.sender.address, "visitor-123");
         assert_eq!(message.sender.name.as_deref(), Some("Dana"));
@@ -262,13 +271,19 @@ mod tests {
             br#"{"customer": {"email": " Dana@Example.COM "}, "text": "hi"}"#,
         )
         .unwrap();
-        assert_eq!((m.sender.kind.as_str(), m.sender.address.as_str()), ("email", "dana@example.com"));
+        assert_eq!(
+            (m.sender.kind.as_str(), m.sender.address.as_str()),
+            ("email", "dana@example.com")
+        );
         let m = convert(
             &channel(),
             br#"{"customer": {"phone": "+1 (555) 123-4567"}, "text": "hi"}"#,
         )
         .unwrap();
-        assert_eq!((m.sender.kind.as_str(), m.sender.address.as_str()), ("phone", "+15551234567"));
+        assert_eq!(
+            (m.sender.kind.as_str(), m.sender.address.as_str()),
+            ("phone", "+15551234567")
+        );
     }
 
     #[test]
@@ -276,16 +291,37 @@ mod tests {
         assert_eq!(field_of("{"), "body");
         assert_eq!(field_of("[]"), "body");
         assert_eq!(field_of(r#"{"customer": {"id": "v"}}"#), "text");
-        assert_eq!(field_of(r#"{"customer": {"id": "v"}, "text": "  "}"#), "text");
+        assert_eq!(
+            field_of(r#"{"customer": {"id": "v"}, "text": "  "}"#),
+            "text"
+        );
         assert_eq!(field_of(r#"{"customer": {"id": "v"}, "text": 3}"#), "text");
         assert_eq!(field_of(r#"{"text": "hi"}"#), "customer");
         assert_eq!(field_of(r#"{"customer": {}, "text": "hi"}"#), "customer");
-        assert_eq!(field_of(r#"{"customer": {"email": "nope"}, "text": "hi"}"#), "customer.email");
-        assert_eq!(field_of(r#"{"customer": {"phone": "555"}, "text": "hi"}"#), "customer.phone");
-        assert_eq!(field_of(r#"{"customer": {"id": "v", "mail": "x"}, "text": "hi"}"#), "customer.mail");
-        assert_eq!(field_of(r#"{"customer": {"id": "v"}, "text": "hi", "txt": 1}"#), "txt");
-        assert_eq!(field_of(r#"{"customer": {"id": "v"}, "text": "hi", "message_id": ""}"#), "message_id");
-        assert_eq!(field_of(r#"{"customer": {"id": "v"}, "text": "hi", "attributes": []}"#), "attributes");
+        assert_eq!(
+            field_of(r#"{"customer": {"email": "nope"}, "text": "hi"}"#),
+            "customer.email"
+        );
+        assert_eq!(
+            field_of(r#"{"customer": {"phone": "555"}, "text": "hi"}"#),
+            "customer.phone"
+        );
+        assert_eq!(
+            field_of(r#"{"customer": {"id": "v", "mail": "x"}, "text": "hi"}"#),
+            "customer.mail"
+        );
+        assert_eq!(
+            field_of(r#"{"customer": {"id": "v"}, "text": "hi", "txt": 1}"#),
+            "txt"
+        );
+        assert_eq!(
+            field_of(r#"{"customer": {"id": "v"}, "text": "hi", "message_id": ""}"#),
+            "message_id"
+        );
+        assert_eq!(
+            field_of(r#"{"customer": {"id": "v"}, "text": "hi", "attributes": []}"#),
+            "attributes"
+        );
     }
 
     #[test]

@@ -31,7 +31,11 @@ async fn unsigned_channel_conforms() {
             channel: channel(),
             valid: WebhookRequest::post(BODY),
             invalid: vec![
-                ("invalid JSON", WebhookRequest::post("{nope"), StatusCode::BAD_REQUEST),
+                (
+                    "invalid JSON",
+                    WebhookRequest::post("{nope"),
+                    StatusCode::BAD_REQUEST,
+                ),
                 (
                     "missing text",
                     WebhookRequest::post(r#"{"customer": {"id": "v"}}"#),
@@ -62,8 +66,16 @@ async fn signed_channel_conforms() {
             channel: channel(),
             valid: signed("s3cret", BODY),
             invalid: vec![
-                ("unsigned", WebhookRequest::post(BODY), StatusCode::UNAUTHORIZED),
-                ("wrong secret", signed("guess", BODY), StatusCode::UNAUTHORIZED),
+                (
+                    "unsigned",
+                    WebhookRequest::post(BODY),
+                    StatusCode::UNAUTHORIZED,
+                ),
+                (
+                    "wrong secret",
+                    signed("guess", BODY),
+                    StatusCode::UNAUTHORIZED,
+                ),
                 (
                     "body changed after signing",
                     WebhookRequest::post(BODY.replace("invoice", "refund")).with_header(

@@ -61,14 +61,21 @@ impl Signals {
             .text
             .chars()
             .filter(|c| c.is_alphabetic())
-            .fold((0u32, 0u32), |(l, u), c| (l + 1, u + u32::from(c.is_uppercase())));
+            .fold((0u32, 0u32), |(l, u), c| {
+                (l + 1, u + u32::from(c.is_uppercase()))
+            });
         Signals {
             caps_ratio: if letters == 0 {
                 0.0
             } else {
                 f64::from(upper) / f64::from(letters)
             },
-            exclamations: message.text.matches('!').count().try_into().unwrap_or(u32::MAX),
+            exclamations: message
+                .text
+                .matches('!')
+                .count()
+                .try_into()
+                .unwrap_or(u32::MAX),
             attachments: message.attachments.len().try_into().unwrap_or(u32::MAX),
             ..Signals::default()
         }
@@ -196,7 +203,9 @@ pub fn decide(rules: &RuleSet, input: &Input<'_>, load: &dyn Fn(&str) -> u64) ->
                 route_to = Some((target.clone(), rule.id.clone()));
                 effects.push(format!("route to {target}"));
             } else {
-                effects.push(format!("route to {target} (ignored: an earlier rule routed)"));
+                effects.push(format!(
+                    "route to {target} (ignored: an earlier rule routed)"
+                ));
             }
         }
         for tag in &rule.tags {
@@ -226,7 +235,9 @@ pub fn decide(rules: &RuleSet, input: &Input<'_>, load: &dyn Fn(&str) -> u64) ->
     }
 
     let urgency = u8::try_from(urgency_sum.clamp(0, 100)).unwrap_or(100);
-    explanation.urgency.insert("total".to_owned(), i64::from(urgency));
+    explanation
+        .urgency
+        .insert("total".to_owned(), i64::from(urgency));
     let language = Some(input.signals.language.clone()).filter(|l| !l.is_empty());
 
     let queue = match route_to {
@@ -234,7 +245,13 @@ pub fn decide(rules: &RuleSet, input: &Input<'_>, load: &dyn Fn(&str) -> u64) ->
             explanation.queue_reason = format!("hard route by rule `{rule_id}`");
             target
         }
-        None => choose_queue(rules, &required, language.as_deref(), load, &mut explanation),
+        None => choose_queue(
+            rules,
+            &required,
+            language.as_deref(),
+            load,
+            &mut explanation,
+        ),
     };
 
     Decision {
@@ -302,7 +319,11 @@ fn choose_queue(
         None => {
             explanation.queue_reason = format!(
                 "no queue is eligible (skills: {}; language: {}): the default queue",
-                if required.is_empty() { "none".to_owned() } else { required.join(", ") },
+                if required.is_empty() {
+                    "none".to_owned()
+                } else {
+                    required.join(", ")
+                },
                 language.unwrap_or("unknown")
             );
             default.name.clone()
@@ -331,12 +352,18 @@ fn cel_variables(input: &Input<'_>) -> [(&'static str, cel::Value); 4] {
     });
     [
         ("message", to_cel(&message)),
-        ("customer", to_cel(&serde_json::to_value(input.customer).unwrap_or_default())),
+        (
+            "customer",
+            to_cel(&serde_json::to_value(input.customer).unwrap_or_default()),
+        ),
         (
             "conversation",
             to_cel(&serde_json::to_value(input.conversation).unwrap_or_default()),
         ),
-        ("signals", to_cel(&serde_json::to_value(input.signals).unwrap_or_default())),
+        (
+            "signals",
+            to_cel(&serde_json::to_value(input.signals).unwrap_or_default()),
+        ),
     ]
 }
 
@@ -350,7 +377,9 @@ fn to_cel(value: &Value) -> cel::Value {
             None => cel::Value::Float(n.as_f64().unwrap_or_default()),
         },
         Value::String(s) => cel::Value::String(s.clone().into()),
-        Value::Array(items) => cel::Value::List(items.iter().map(to_cel).collect::<Vec<_>>().into()),
+        Value::Array(items) => {
+            cel::Value::List(items.iter().map(to_cel).collect::<Vec<_>>().into())
+        }
         Value::Object(map) => {
             let map: std::collections::HashMap<cel::objects::Key, cel::Value> = map
                 .iter()

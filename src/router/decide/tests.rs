@@ -32,17 +32,27 @@ skills = ["legal"]
 "#;
 
 fn set(rules: &str) -> RuleSet {
-    RuleSet::from_sources(&[("q.toml".into(), QUEUES.into()), ("r.toml".into(), rules.into())])
-        .unwrap_or_else(|d| panic!("{d}"))
+    RuleSet::from_sources(&[
+        ("q.toml".into(), QUEUES.into()),
+        ("r.toml".into(), rules.into()),
+    ])
+    .unwrap_or_else(|d| panic!("{d}"))
 }
 
 fn message(text: &str) -> NormalizedMessage {
     NormalizedMessage {
         message_id: NormalizedMessage::stable_id("chat", text),
-        channel: ChannelRef { id: "chat".into(), kind: "webchat".into() },
+        channel: ChannelRef {
+            id: "chat".into(),
+            kind: "webchat".into(),
+        },
         external_id: text.into(),
         thread_key: None,
-        sender: Sender { kind: "email".into(), address: "dana@example.com".into(), name: None },
+        sender: Sender {
+            kind: "email".into(),
+            address: "dana@example.com".into(),
+            name: None,
+        },
         subject: None,
         text: text.into(),
         attachments: vec![],
@@ -63,7 +73,12 @@ impl Case {
     fn new(text: &str) -> Self {
         let message = message(text);
         let signals = Signals::from_message(&message);
-        Case { message, customer: CustomerView::default(), conversation: ConversationView::default(), signals }
+        Case {
+            message,
+            customer: CustomerView::default(),
+            conversation: ConversationView::default(),
+            signals,
+        }
     }
 
     fn tier(mut self, tier: &str) -> Self {
@@ -117,7 +132,10 @@ tags = ["money"]
     assert_eq!(d.explanation.rules[0].line, 2);
     assert!(d.explanation.rules[0].effect.contains("urgency +10"));
     assert_eq!(d.explanation.urgency["rule:refunds"], 10);
-    assert_eq!(d.explanation.skill_match["escalations"], "rejected: lacks skill billing");
+    assert_eq!(
+        d.explanation.skill_match["escalations"],
+        "rejected: lacks skill billing"
+    );
 
     let d = Case::new("hello").decide(&rules);
     assert_eq!(d.queue, "general");
@@ -207,7 +225,10 @@ urgency = 10
     let d = Case::new("x").decide(&rules);
     assert_eq!(d.urgency, 10);
     assert_eq!(d.explanation.rules.len(), 1);
-    assert!(d.explanation.not_matched.is_empty(), "`second` was never evaluated");
+    assert!(
+        d.explanation.not_matched.is_empty(),
+        "`second` was never evaluated"
+    );
 }
 
 #[test]
@@ -217,7 +238,11 @@ fn closest_skill_match_wins_then_lighter_load() {
     assert_eq!(Case::new("x").decide(&rules).queue, "billing");
     let d = Case::new("x").decide_with_load(&rules, &|q| if q == "billing" { 5 } else { 1 });
     assert_eq!(d.queue, "billing-2");
-    assert!(d.explanation.queue_reason.contains("lightest load of 2"), "{}", d.explanation.queue_reason);
+    assert!(
+        d.explanation.queue_reason.contains("lightest load of 2"),
+        "{}",
+        d.explanation.queue_reason
+    );
 
     let rules = set("[[rule]]\nid = \"v\"\nrequire_skills = [\"billing\", \"vip\"]\n");
     assert_eq!(Case::new("x").decide(&rules).queue, "billing-vip");
@@ -230,13 +255,20 @@ fn language_is_checked_before_skills() {
     case.signals.language = "de".into();
     let d = case.decide(&rules);
     assert_eq!(d.queue, "billing", "only `billing` serves German");
-    assert_eq!(d.explanation.skill_match["billing-2"], "rejected: does not serve language de");
+    assert_eq!(
+        d.explanation.skill_match["billing-2"],
+        "rejected: does not serve language de"
+    );
     assert_eq!(d.language.as_deref(), Some("de"));
 
     case.signals.language = "fr".into();
     let d = case.decide(&rules);
     assert_eq!(d.queue, "general", "no French billing queue: default");
-    assert!(d.explanation.queue_reason.contains("no queue is eligible"), "{}", d.explanation.queue_reason);
+    assert!(
+        d.explanation.queue_reason.contains("no queue is eligible"),
+        "{}",
+        d.explanation.queue_reason
+    );
 }
 
 #[test]
