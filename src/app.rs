@@ -94,7 +94,7 @@ pub async fn run(loaded: Loaded, rules_override: Option<PathBuf>) -> anyhow::Res
         rules: rules.clone(),
         store: store.clone(),
     };
-    intake_tasks.spawn(router.run(bus.router_link(), intake.clone()));
+    intake_tasks.spawn(router.run_on_own_thread(bus.router_link(), intake.clone()));
 
     let state = Arc::new(AppState {
         channels,

@@ -645,9 +645,13 @@ impl RouterLink for AmqpRouterLink {
                 }
                 Outcome::Ack => {}
             }
+        }
+        // A batch is a run of consecutive deliveries, each with an outcome: one cumulative ack
+        // covers it (and nothing beyond it, as later deliveries carry higher tags).
+        if let Some(last) = outcomes.iter().map(|(tag, _)| *tag).max() {
             session
                 .channel
-                .basic_ack(*tag, BasicAckOptions::default())
+                .basic_ack(last, BasicAckOptions { multiple: true })
                 .await?;
         }
         session.channel.tx_commit().await?;

@@ -4,5 +4,6 @@
 
 pub mod check;
 pub mod decide;
+pub mod functions;
 pub mod rules;
 pub mod service;

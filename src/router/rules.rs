@@ -213,7 +213,7 @@ impl RuleSet {
 
     /// Builds a set from `(file name, text)` pairs, in the given order.
     pub fn from_sources(files: &[(String, String)]) -> Result<RuleSet, Diagnostics> {
-        let env = Arc::new(cel::Env::stdlib());
+        let env = Arc::new(super::functions::environment());
         let mut diagnostics = Vec::new();
         let mut queues: Vec<(Queue, Location)> = Vec::new();
         let mut queue_refs: Vec<(String, Location, &'static str)> = Vec::new();

@@ -21,12 +21,12 @@ use switchboard_channel::envelope::event_type;
 use switchboard_channel::{CloudEvent, NormalizedMessage};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, error, info, info_span, warn};
+use tracing::{debug, error, info, info_span, warn};
 
 use super::decide::{Decision, Identity, Input, Signals, decide};
 use super::rules::RuleSet;
 use crate::bus::{Assignment, Delivery, Outcome, RouterLink};
-use crate::store::{Record, Store, StoreError};
+use crate::store::{Resolved, RouteOutcome, Routed, Store};
 
 /// Largest batch taken from the bus per commit.
 pub const MAX_BATCH: usize = 128;
@@ -79,15 +79,37 @@ pub struct Router {
     pub store: Arc<dyn Store>,
 }
 
-/// What became of one delivery.
-struct Handled {
-    outcome: Outcome,
-    /// The decision key to mark published once the commit succeeded.
-    publish_key: Option<(String, String)>,
-    queue: Option<String>,
-}
-
 impl Router {
+    /// Runs the router on a thread of its own with a single-threaded runtime, and resolves when
+    /// it stopped. The router is one sequential loop of short store round trips; on its own
+    /// thread each round trip avoids a cross-thread wake-up, which on a small machine costs
+    /// more than the query (measured: ~90 µs vs ~10 µs per SQLite statement).
+    pub async fn run_on_own_thread(
+        self,
+        link: impl RouterLink + 'static,
+        cancel: CancellationToken,
+    ) {
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let spawned = std::thread::Builder::new()
+            .name("switchboard-router".to_owned())
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime.block_on(self.run(link, cancel)),
+                    Err(error) => error!(%error, "Cannot start the router's runtime."),
+                }
+                let _ = done_tx.send(());
+            });
+        match spawned {
+            Ok(_) => {
+                let _ = done_rx.await;
+            }
+            Err(error) => error!(%error, "Cannot start the router thread."),
+        }
+    }
+
     /// Runs until `cancel`; the batch in hand when it fires is finished and committed.
     pub async fn run(self, mut link: impl RouterLink, cancel: CancellationToken) {
         let mut failures = 0u32;
@@ -118,156 +140,152 @@ impl Router {
         info!("Router stopped.");
     }
 
+    /// Decides and records the batch in one store transaction, then publishes and acknowledges
+    /// it in one bus commit. Any failure leaves the whole batch unacknowledged.
     async fn handle_batch(
         &self,
         link: &mut impl RouterLink,
         batch: Vec<Delivery>,
     ) -> Result<(), String> {
         let started = Instant::now();
-        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
+        let mut to_route = Vec::new();
+        let mut positions = Vec::new();
+        let mut keys = HashSet::new();
+        for (index, delivery) in batch.iter().enumerate() {
+            match parse(delivery) {
+                Err(reason) => outcomes[index] = Some(dead(reason)),
+                Ok(message) => {
+                    if keys.insert((message.channel.id.clone(), message.external_id.clone())) {
+                        positions.push(index);
+                        to_route.push(message);
+                    } else {
+                        debug!(message_id = %message.message_id, "Duplicate within the batch; acknowledged.");
+                        outcomes[index] = Some(Outcome::Ack);
+                    }
+                }
+            }
+        }
+
+        let now_ms = i64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000)
+            .unwrap_or(i64::MAX);
+        let rules = self.rules.load_full();
+        let decide_one =
+            |message: &NormalizedMessage, resolved: &Resolved| route(&rules, message, resolved);
+        let routed = if to_route.is_empty() {
+            Vec::new()
+        } else {
+            self.store
+                .route_batch(&to_route, now_ms, &decide_one)
+                .await
+                .map_err(|error| format!("store: {error}"))?
+        };
+
         let mut publish_keys = Vec::new();
         let mut queues = Vec::new();
-        let mut in_batch = HashSet::new();
-        let mut store_error = None;
-        for delivery in &batch {
-            match self.handle(delivery, &mut in_batch).await {
-                Ok(handled) => {
-                    outcomes.push((delivery.tag, handled.outcome));
-                    publish_keys.extend(handled.publish_key);
-                    queues.extend(handled.queue);
-                }
-                Err(error) => {
-                    // Leave this and the remaining deliveries unacknowledged: they come back.
-                    store_error = Some(error);
-                    break;
-                }
-            }
-        }
-        failpoint("router.after_record");
-        if !outcomes.is_empty() {
-            link.commit(outcomes).await.map_err(|e| e.to_string())?;
-            let elapsed = started.elapsed().as_secs_f64();
-            for queue in queues {
-                metrics::counter!("switchboard_assignments_total", "queue" => queue).increment(1);
-                metrics::histogram!("switchboard_routing_latency_seconds").record(elapsed);
-            }
-            if let Err(error) = self.store.mark_published(&publish_keys).await {
-                // Harmless: an unmarked decision is only republished on a redelivery, and a
-                // committed message is never redelivered.
-                warn!(%error, "Could not mark decisions published.");
-            }
-        }
-        match store_error {
-            Some(error) => Err(format!("store: {error}")),
-            None => Ok(()),
-        }
-    }
-
-    async fn handle(
-        &self,
-        delivery: &Delivery,
-        in_batch: &mut HashSet<(String, String)>,
-    ) -> Result<Handled, StoreError> {
-        let event: CloudEvent<NormalizedMessage> = match serde_json::from_slice(&delivery.body) {
-            Ok(event) => event,
-            Err(error) => return Ok(dead(format!("not a normalized message event: {error}"))),
-        };
-        if event.ty != event_type::MESSAGE_RECEIVED {
-            return Ok(dead(format!("unexpected event type `{}`", event.ty)));
-        }
-        let message = event.data;
-        let key = (message.channel.id.clone(), message.external_id.clone());
-        let span =
-            info_span!("route", channel = %message.channel.id, message_id = %message.message_id);
-        async {
-            if !in_batch.insert(key.clone()) {
-                debug!("Duplicate within the batch; acknowledged.");
-                return Ok(ack());
-            }
-            if let Some(stored) = self.store.decision(&key.0, &key.1).await? {
-                if stored.published || !delivery.redelivered {
-                    debug!(published = stored.published, "Duplicate of a routed message; acknowledged.");
+        for ((index, message), result) in positions.into_iter().zip(&to_route).zip(routed) {
+            let delivery = &batch[index];
+            let _span = info_span!("route", channel = %message.channel.id, message_id = %message.message_id).entered();
+            let assignment = match result {
+                RouteOutcome::New {
+                    queue,
+                    priority,
+                    assignment,
+                } => Some((queue, priority, assignment)),
+                RouteOutcome::Existing(stored) if stored.published || !delivery.redelivered => {
+                    debug!(
+                        published = stored.published,
+                        "Duplicate of a routed message; acknowledged."
+                    );
                     metrics::counter!("switchboard_duplicates_total").increment(1);
-                    return Ok(ack());
+                    None
                 }
-                info!(queue = %stored.queue, "Redelivered before its commit; publishing the recorded assignment.");
-                return Ok(Handled {
-                    outcome: Outcome::Assign(Assignment {
-                        queue: stored.queue.clone(),
-                        priority: stored.priority,
-                        event_id: assignment_event_id(&message),
-                        body: stored.assignment,
-                    }),
-                    publish_key: Some(key),
-                    queue: Some(stored.queue),
-                });
-            }
-            let now = OffsetDateTime::now_utc();
-            let now_ms = i64::try_from(now.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX);
-            let mut resolved = self.store.resolve(&message, now_ms).await?;
-            let signals = Signals::from_message(&message);
-            let rules = self.rules.load();
-            let decision = decide(
-                &rules,
-                &Input {
-                    message: &message,
-                    customer: &resolved.customer,
-                    conversation: &resolved.conversation,
-                    signals: &signals,
-                },
-                &|_| 0,
-            );
-            let body = assignment_json(&message, &resolved.customer, &resolved.conversation.id, &decision);
-            let attributes = std::mem::take(&mut resolved.customer.attributes);
-            let record = Record {
-                customer_id: resolved.customer.id.clone(),
-                attributes,
-                conversation_id: resolved.conversation.id.clone(),
-                queue: decision.queue.clone(),
-                urgency: decision.urgency,
-                priority: decision.priority,
-                assignment: body.clone(),
-                message: message.clone(),
+                RouteOutcome::Existing(stored) => {
+                    info!(queue = %stored.queue, "Redelivered before its commit; publishing the recorded assignment.");
+                    Some((stored.queue, stored.priority, stored.assignment))
+                }
             };
-            self.store.record(std::slice::from_ref(&record), now_ms).await?;
-            info!(
-                conversation_id = %resolved.conversation.id,
-                queue = %decision.queue,
-                urgency = decision.urgency,
-                "Conversation assigned."
-            );
-            Ok(Handled {
-                outcome: Outcome::Assign(Assignment {
-                    queue: decision.queue.clone(),
-                    priority: decision.priority,
-                    event_id: assignment_event_id(&message),
-                    body,
-                }),
-                publish_key: Some(key),
-                queue: Some(decision.queue),
-            })
+            outcomes[index] = Some(match assignment {
+                Some((queue, priority, body)) => {
+                    publish_keys.push((message.channel.id.clone(), message.external_id.clone()));
+                    queues.push(queue.clone());
+                    Outcome::Assign(Assignment {
+                        queue,
+                        priority,
+                        event_id: assignment_event_id(message),
+                        body,
+                    })
+                }
+                None => Outcome::Ack,
+            });
         }
-        .instrument(span)
-        .await
+
+        failpoint("router.after_record");
+        let outcomes: Vec<(u64, Outcome)> = batch
+            .iter()
+            .zip(outcomes)
+            .map(|(delivery, outcome)| (delivery.tag, outcome.unwrap_or(Outcome::Ack)))
+            .collect();
+        link.commit(outcomes).await.map_err(|e| e.to_string())?;
+        let elapsed = started.elapsed().as_secs_f64();
+        for queue in queues {
+            metrics::counter!("switchboard_assignments_total", "queue" => queue).increment(1);
+            metrics::histogram!("switchboard_routing_latency_seconds").record(elapsed);
+        }
+        if let Err(error) = self.store.mark_published(&publish_keys).await {
+            // Harmless: an unmarked decision is only republished on a redelivery, and a
+            // committed message is never redelivered.
+            warn!(%error, "Could not mark decisions published.");
+        }
+        Ok(())
     }
 }
 
-fn ack() -> Handled {
-    Handled {
-        outcome: Outcome::Ack,
-        publish_key: None,
-        queue: None,
+fn parse(delivery: &Delivery) -> Result<NormalizedMessage, String> {
+    let event: CloudEvent<NormalizedMessage> = serde_json::from_slice(&delivery.body)
+        .map_err(|error| format!("not a normalized message event: {error}"))?;
+    if event.ty != event_type::MESSAGE_RECEIVED {
+        return Err(format!("unexpected event type `{}`", event.ty));
+    }
+    Ok(event.data)
+}
+
+/// The pure part of routing one message: signals, decision, assignment JSON.
+fn route(rules: &RuleSet, message: &NormalizedMessage, resolved: &Resolved) -> Routed {
+    let signals = Signals::from_message(message);
+    let decision = decide(
+        rules,
+        &Input {
+            message,
+            customer: &resolved.customer,
+            conversation: &resolved.conversation,
+            signals: &signals,
+        },
+        &|_| 0,
+    );
+    info!(
+        conversation_id = %resolved.conversation.id,
+        queue = %decision.queue,
+        urgency = decision.urgency,
+        "Conversation assigned."
+    );
+    Routed {
+        assignment: assignment_json(
+            message,
+            &resolved.customer,
+            &resolved.conversation.id,
+            &decision,
+        ),
+        queue: decision.queue,
+        urgency: decision.urgency,
+        priority: decision.priority,
     }
 }
 
-fn dead(reason: String) -> Handled {
+fn dead(reason: String) -> Outcome {
     error!(%reason, "Poison message moved to the dead queue.");
     metrics::counter!("switchboard_dead_letters_total").increment(1);
-    Handled {
-        outcome: Outcome::Dead(reason),
-        publish_key: None,
-        queue: None,
-    }
+    Outcome::Dead(reason)
 }
 
 /// Assignment event ids derive from the message: a republished assignment keeps its id.

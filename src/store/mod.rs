@@ -49,38 +49,51 @@ pub struct Resolved {
     pub conversation: ConversationView,
 }
 
-/// One routed message to record.
+/// What the router decided for one message, to record with it.
 #[derive(Debug, Clone)]
-pub struct Record {
-    pub message: NormalizedMessage,
-    pub customer_id: String,
-    /// The customer's attributes after this message (merged).
-    pub attributes: Map<String, Value>,
-    pub conversation_id: String,
+pub struct Routed {
     pub queue: String,
     pub urgency: u8,
     pub priority: u8,
+    /// The assignment CloudEvent JSON.
     pub assignment: String,
 }
 
+/// What became of one message in [`Store::route_batch`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum RouteOutcome {
+    /// First time seen: decided and recorded now.
+    New {
+        queue: String,
+        priority: u8,
+        assignment: String,
+    },
+    /// A decision was already recorded for this message key.
+    Existing(StoredDecision),
+}
+
+/// The router's decision step: pure, called inside the store transaction.
+pub type DecideFn<'a> = dyn Fn(&NormalizedMessage, &Resolved) -> Routed + Send + Sync + 'a;
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
+    /// For each message, in one transaction: if a decision is recorded for its key
+    /// `(channel id, external id)`, return it; otherwise find or create the customer behind the
+    /// sender and their open conversation, call `decide`, and record the message and the
+    /// decision. Messages are handled in order, so a later one sees an earlier one's effects.
+    async fn route_batch(
+        &self,
+        messages: &[NormalizedMessage],
+        now_ms: i64,
+        decide: &DecideFn<'_>,
+    ) -> Result<Vec<RouteOutcome>, StoreError>;
+
     /// The decision recorded for `(channel_id, external_id)`, if any.
     async fn decision(
         &self,
         channel_id: &str,
         external_id: &str,
     ) -> Result<Option<StoredDecision>, StoreError>;
-
-    /// Finds or creates the customer behind the sender and their open conversation.
-    async fn resolve(
-        &self,
-        message: &NormalizedMessage,
-        now_ms: i64,
-    ) -> Result<Resolved, StoreError>;
-
-    /// Records messages and their decisions atomically; a key already recorded is left as is.
-    async fn record(&self, records: &[Record], now_ms: i64) -> Result<(), StoreError>;
 
     /// Marks decisions whose assignment reached the bus.
     async fn mark_published(&self, keys: &[(String, String)]) -> Result<(), StoreError>;

@@ -5,16 +5,20 @@
 use std::str::FromStr;
 use std::time::Duration;
 
+use std::collections::HashMap;
+
 use async_trait::async_trait;
-use serde_json::Value;
+use serde_json::{Map, Value, json};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{Row, Sqlite, Transaction};
+use sqlx::{Row, SqliteConnection};
 use switchboard_channel::NormalizedMessage;
 use uuid::Uuid;
 
-use super::{Record, Resolved, Store, StoreError, StoredDecision, merged_attributes};
+use super::{
+    DecideFn, Resolved, RouteOutcome, Store, StoreError, StoredDecision, merged_attributes,
+};
 use crate::router::decide::{ConversationView, CustomerView, Identity};
 
 const DAY_MS: i64 = 24 * 60 * 60 * 1000;
@@ -55,205 +59,26 @@ impl SqliteStore {
 
 #[async_trait]
 impl Store for SqliteStore {
+    async fn route_batch(
+        &self,
+        messages: &[NormalizedMessage],
+        now_ms: i64,
+        decide: &DecideFn<'_>,
+    ) -> Result<Vec<RouteOutcome>, StoreError> {
+        // IMMEDIATE: take the write lock first, so the reads below stay valid until commit.
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let outcomes = route_in(&mut tx, messages, now_ms, decide).await?;
+        tx.commit().await?;
+        Ok(outcomes)
+    }
+
     async fn decision(
         &self,
         channel_id: &str,
         external_id: &str,
     ) -> Result<Option<StoredDecision>, StoreError> {
-        let row = sqlx::query(
-            "SELECT assignment, queue, priority, published FROM decisions
-             WHERE channel_id = ? AND external_id = ?",
-        )
-        .bind(channel_id)
-        .bind(external_id)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(row.map(|row| StoredDecision {
-            assignment: row.get("assignment"),
-            queue: row.get("queue"),
-            priority: u8::try_from(row.get::<i64, _>("priority")).unwrap_or(0),
-            published: row.get::<i64, _>("published") != 0,
-        }))
-    }
-
-    async fn resolve(
-        &self,
-        message: &NormalizedMessage,
-        now_ms: i64,
-    ) -> Result<Resolved, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let customer_id = customer_for(
-            &mut tx,
-            &message.sender.kind,
-            &message.sender.address,
-            now_ms,
-        )
-        .await?;
-
-        let stored: String = sqlx::query_scalar("SELECT attributes FROM customers WHERE id = ?")
-            .bind(&customer_id)
-            .fetch_one(&mut *tx)
-            .await?;
-        let attributes = merged_attributes(serde_json::from_str(&stored)?, message);
-
-        let identities = sqlx::query(
-            "SELECT kind, address FROM identities WHERE customer_id = ? ORDER BY created_at, kind",
-        )
-        .bind(&customer_id)
-        .fetch_all(&mut *tx)
-        .await?
-        .into_iter()
-        .map(|row| Identity {
-            kind: row.get("kind"),
-            address: row.get("address"),
-        })
-        .collect();
-
-        let open = sqlx::query(
-            "SELECT id, channels, message_count, opened_at, agent_id FROM conversations
-             WHERE customer_id = ? AND status = 'open'
-             ORDER BY last_activity_at DESC LIMIT 1",
-        )
-        .bind(&customer_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let open_conversations: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM conversations WHERE customer_id = ? AND status = 'open'",
-        )
-        .bind(&customer_id)
-        .fetch_one(&mut *tx)
-        .await?;
-
-        let (conversation, channels_used, previous_agent) = match open {
-            Some(row) => {
-                let channels: Vec<String> = serde_json::from_str(row.get::<&str, _>("channels"))?;
-                let count: i64 = row.get("message_count");
-                let opened_at: i64 = row.get("opened_at");
-                (
-                    ConversationView {
-                        id: row.get("id"),
-                        new: count == 0,
-                        age: (now_ms - opened_at).max(0) / 1000,
-                        message_count: u32::try_from(count).unwrap_or(u32::MAX),
-                    },
-                    channels,
-                    row.get::<Option<String>, _>("agent_id"),
-                )
-            }
-            None => {
-                let id = Uuid::new_v4().to_string();
-                sqlx::query(
-                    "INSERT INTO conversations (id, customer_id, status, opened_at, last_activity_at)
-                     VALUES (?, ?, 'open', ?, ?)",
-                )
-                .bind(&id)
-                .bind(&customer_id)
-                .bind(now_ms)
-                .bind(now_ms)
-                .execute(&mut *tx)
-                .await?;
-                (
-                    ConversationView {
-                        id,
-                        new: true,
-                        age: 0,
-                        message_count: 0,
-                    },
-                    Vec::new(),
-                    None,
-                )
-            }
-        };
-
-        let recent: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM messages WHERE customer_id = ? AND received_at > ?",
-        )
-        .bind(&customer_id)
-        .bind(now_ms - DAY_MS)
-        .fetch_one(&mut *tx)
-        .await?;
-        tx.commit().await?;
-
-        Ok(Resolved {
-            customer: CustomerView {
-                id: customer_id,
-                attributes,
-                identities,
-                contacts_last_24h: u32::try_from(recent + 1).unwrap_or(u32::MAX),
-                open_conversations: u32::try_from(open_conversations.max(1)).unwrap_or(u32::MAX),
-                previous_agent,
-                channels_used,
-            },
-            conversation,
-        })
-    }
-
-    async fn record(&self, records: &[Record], now_ms: i64) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        for record in records {
-            let message = &record.message;
-            let inserted = sqlx::query(
-                "INSERT INTO messages (channel_id, external_id, message_id, conversation_id, customer_id,
-                                       direction, envelope, received_at)
-                 VALUES (?, ?, ?, ?, ?, 'inbound', ?, ?)
-                 ON CONFLICT (channel_id, external_id) DO NOTHING",
-            )
-            .bind(&message.channel.id)
-            .bind(&message.external_id)
-            .bind(message.message_id.to_string())
-            .bind(&record.conversation_id)
-            .bind(&record.customer_id)
-            .bind(serde_json::to_string(message)?)
-            .bind(now_ms)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if inserted == 0 {
-                continue;
-            }
-            sqlx::query(
-                "INSERT INTO decisions (channel_id, external_id, conversation_id, queue, urgency, priority,
-                                        assignment, decided_at)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-                 ON CONFLICT (channel_id, external_id) DO NOTHING",
-            )
-            .bind(&message.channel.id)
-            .bind(&message.external_id)
-            .bind(&record.conversation_id)
-            .bind(&record.queue)
-            .bind(i64::from(record.urgency))
-            .bind(i64::from(record.priority))
-            .bind(&record.assignment)
-            .bind(now_ms)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query(
-                "UPDATE conversations SET
-                    message_count = message_count + 1,
-                    last_activity_at = ?,
-                    queue = ?,
-                    channels = CASE WHEN EXISTS (SELECT 1 FROM json_each(channels) WHERE value = ?)
-                                    THEN channels ELSE json_insert(channels, '$[#]', ?) END
-                 WHERE id = ?",
-            )
-            .bind(now_ms)
-            .bind(&record.queue)
-            .bind(&message.channel.kind)
-            .bind(&message.channel.kind)
-            .bind(&record.conversation_id)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query("UPDATE customers SET attributes = ?, last_seen_at = ? WHERE id = ?")
-                .bind(serde_json::to_string(&Value::Object(
-                    record.attributes.clone(),
-                ))?)
-                .bind(now_ms)
-                .bind(&record.customer_id)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        let mut connection = self.pool.acquire().await?;
+        decision(&mut connection, channel_id, external_id).await
     }
 
     async fn mark_published(&self, keys: &[(String, String)]) -> Result<(), StoreError> {
@@ -284,39 +109,403 @@ impl Store for SqliteStore {
     }
 }
 
-/// The customer owning identity `(kind, address)`, created with it if new.
-async fn customer_for(
-    tx: &mut Transaction<'_, Sqlite>,
-    kind: &str,
-    address: &str,
+async fn decision(
+    connection: &mut SqliteConnection,
+    channel_id: &str,
+    external_id: &str,
+) -> Result<Option<StoredDecision>, StoreError> {
+    let row = sqlx::query(
+        "SELECT assignment, queue, priority, published FROM decisions
+         WHERE channel_id = ? AND external_id = ?",
+    )
+    .bind(channel_id)
+    .bind(external_id)
+    .fetch_optional(&mut *connection)
+    .await?;
+    Ok(row.as_ref().map(stored_decision))
+}
+
+/// A customer as the batch sees it: loaded, or created by an earlier message of the batch.
+struct CustomerState {
+    attributes: Map<String, Value>,
+    identities: Vec<Identity>,
+    recent: u32,
+    open_conversations: u32,
+    is_new: bool,
+}
+
+/// A customer's open conversation as the batch sees it.
+struct ConversationState {
+    id: String,
+    channels: Vec<String>,
+    message_count: i64,
+    opened_at: i64,
+    agent_id: Option<String>,
+    queue: Option<String>,
+    is_new: bool,
+}
+
+/// The whole batch in a fixed number of statements: bulk reads keyed by JSON arrays, the
+/// decisions made in order against an in-memory view (so a later message sees an earlier one's
+/// customer and conversation), then bulk writes. Each statement is one round trip to the SQLite
+/// thread, whatever the batch size.
+async fn route_in(
+    connection: &mut SqliteConnection,
+    messages: &[NormalizedMessage],
     now_ms: i64,
-) -> Result<String, StoreError> {
-    let existing: Option<String> =
-        sqlx::query_scalar("SELECT customer_id FROM identities WHERE kind = ? AND address = ?")
-            .bind(kind)
-            .bind(address)
-            .fetch_optional(&mut **tx)
-            .await?;
-    if let Some(id) = existing {
-        return Ok(id);
+    decide: &DecideFn<'_>,
+) -> Result<Vec<RouteOutcome>, StoreError> {
+    let keys: Vec<[&str; 2]> = messages
+        .iter()
+        .map(|m| [m.channel.id.as_str(), m.external_id.as_str()])
+        .collect();
+    let mut existing: HashMap<(String, String), StoredDecision> = HashMap::new();
+    for row in sqlx::query(
+        "SELECT d.channel_id, d.external_id, d.assignment, d.queue, d.priority, d.published
+         FROM jsonb_each(?) j
+         JOIN decisions d ON d.channel_id = j.value ->> 0 AND d.external_id = j.value ->> 1",
+    )
+    .bind(serde_json::to_string(&keys)?)
+    .fetch_all(&mut *connection)
+    .await?
+    {
+        existing.insert(
+            (row.get("channel_id"), row.get("external_id")),
+            stored_decision(&row),
+        );
     }
-    let id = Uuid::new_v4().to_string();
-    sqlx::query(
-        "INSERT INTO customers (id, attributes, created_at, last_seen_at) VALUES (?, '{}', ?, ?)",
+
+    // Who are the senders we do not know a decision for?
+    let senders: Vec<[&str; 2]> = messages
+        .iter()
+        .map(|m| [m.sender.kind.as_str(), m.sender.address.as_str()])
+        .collect();
+    let mut by_identity: HashMap<(String, String), String> = HashMap::new();
+    let mut customers: HashMap<String, CustomerState> = HashMap::new();
+    for row in sqlx::query(
+        "SELECT i.kind, i.address, c.id, c.attributes
+         FROM jsonb_each(?) j
+         JOIN identities i ON i.kind = j.value ->> 0 AND i.address = j.value ->> 1
+         JOIN customers c ON c.id = i.customer_id",
     )
-    .bind(&id)
+    .bind(serde_json::to_string(&senders)?)
+    .fetch_all(&mut *connection)
+    .await?
+    {
+        let id: String = row.get("id");
+        by_identity.insert((row.get("kind"), row.get("address")), id.clone());
+        if !customers.contains_key(&id) {
+            let attributes: Map<String, Value> =
+                serde_json::from_str(row.get::<&str, _>("attributes"))?;
+            customers.insert(
+                id,
+                CustomerState {
+                    attributes,
+                    identities: Vec::new(),
+                    recent: 0,
+                    open_conversations: 0,
+                    is_new: false,
+                },
+            );
+        }
+    }
+    let known: Vec<&String> = customers.keys().collect();
+    let known = serde_json::to_string(&known)?;
+    for row in sqlx::query(
+        "SELECT customer_id, kind, address FROM identities
+         WHERE customer_id IN (SELECT value FROM json_each(?))
+         ORDER BY created_at, kind",
+    )
+    .bind(&known)
+    .fetch_all(&mut *connection)
+    .await?
+    {
+        if let Some(customer) = customers.get_mut(row.get::<&str, _>("customer_id")) {
+            customer.identities.push(Identity {
+                kind: row.get("kind"),
+                address: row.get("address"),
+            });
+        }
+    }
+    let mut conversations: HashMap<String, ConversationState> = HashMap::new();
+    for row in sqlx::query(
+        "SELECT id, customer_id, channels, message_count, opened_at, agent_id, queue
+         FROM conversations
+         WHERE customer_id IN (SELECT value FROM json_each(?)) AND status = 'open'
+         ORDER BY last_activity_at DESC",
+    )
+    .bind(&known)
+    .fetch_all(&mut *connection)
+    .await?
+    {
+        let customer_id: String = row.get("customer_id");
+        if let Some(customer) = customers.get_mut(&customer_id) {
+            customer.open_conversations += 1;
+        }
+        if conversations.contains_key(&customer_id) {
+            continue; // an older open conversation; the latest one continues
+        }
+        let channels: Vec<String> = serde_json::from_str(row.get::<&str, _>("channels"))?;
+        conversations.insert(
+            customer_id,
+            ConversationState {
+                id: row.get("id"),
+                channels,
+                message_count: row.get("message_count"),
+                opened_at: row.get("opened_at"),
+                agent_id: row.get("agent_id"),
+                queue: row.get("queue"),
+                is_new: false,
+            },
+        );
+    }
+    for row in sqlx::query(
+        "SELECT customer_id, count(*) AS n FROM messages
+         WHERE customer_id IN (SELECT value FROM json_each(?)) AND received_at > ?
+         GROUP BY customer_id",
+    )
+    .bind(&known)
+    .bind(now_ms - DAY_MS)
+    .fetch_all(&mut *connection)
+    .await?
+    {
+        if let Some(customer) = customers.get_mut(row.get::<&str, _>("customer_id")) {
+            customer.recent = u32::try_from(row.get::<i64, _>("n")).unwrap_or(u32::MAX);
+        }
+    }
+
+    // Decide in order.
+    let mut outcomes = Vec::with_capacity(messages.len());
+    let mut touched: Vec<String> = Vec::new();
+    let mut new_identities: Vec<(String, String, String)> = Vec::new();
+    let mut message_rows = Vec::new();
+    let mut decision_rows = Vec::new();
+    let mut decided: HashMap<(String, String), StoredDecision> = HashMap::new();
+    for message in messages {
+        let key = (message.channel.id.clone(), message.external_id.clone());
+        if let Some(stored) = existing.get(&key).or_else(|| decided.get(&key)) {
+            outcomes.push(RouteOutcome::Existing(stored.clone()));
+            continue;
+        }
+        let identity = (message.sender.kind.clone(), message.sender.address.clone());
+        let customer_id = match by_identity.get(&identity) {
+            Some(id) => id.clone(),
+            None => {
+                let id = Uuid::new_v4().to_string();
+                by_identity.insert(identity.clone(), id.clone());
+                new_identities.push((identity.0.clone(), identity.1.clone(), id.clone()));
+                customers.insert(
+                    id.clone(),
+                    CustomerState {
+                        attributes: Map::new(),
+                        identities: vec![Identity {
+                            kind: identity.0,
+                            address: identity.1,
+                        }],
+                        recent: 0,
+                        open_conversations: 0,
+                        is_new: true,
+                    },
+                );
+                id
+            }
+        };
+        let Some(customer) = customers.get_mut(&customer_id) else {
+            continue; // inserted just above or loaded
+        };
+        customer.attributes = merged_attributes(std::mem::take(&mut customer.attributes), message);
+        let conversation = conversations.entry(customer_id.clone()).or_insert_with(|| {
+            customer.open_conversations += 1;
+            ConversationState {
+                id: Uuid::new_v4().to_string(),
+                channels: Vec::new(),
+                message_count: 0,
+                opened_at: now_ms,
+                agent_id: None,
+                queue: None,
+                is_new: true,
+            }
+        });
+        let resolved = Resolved {
+            customer: CustomerView {
+                id: customer_id.clone(),
+                attributes: customer.attributes.clone(),
+                identities: customer.identities.clone(),
+                contacts_last_24h: customer.recent.saturating_add(1),
+                open_conversations: customer.open_conversations.max(1),
+                previous_agent: conversation.agent_id.clone(),
+                channels_used: conversation.channels.clone(),
+            },
+            conversation: ConversationView {
+                id: conversation.id.clone(),
+                new: conversation.message_count == 0,
+                age: (now_ms - conversation.opened_at).max(0) / 1000,
+                message_count: u32::try_from(conversation.message_count).unwrap_or(u32::MAX),
+            },
+        };
+        let routed = decide(message, &resolved);
+
+        customer.recent = customer.recent.saturating_add(1);
+        conversation.message_count += 1;
+        if !conversation.channels.contains(&message.channel.kind) {
+            conversation.channels.push(message.channel.kind.clone());
+        }
+        conversation.queue = Some(routed.queue.clone());
+        if !touched.contains(&customer_id) {
+            touched.push(customer_id.clone());
+        }
+        message_rows.push(json!({
+            "channel_id": message.channel.id,
+            "external_id": message.external_id,
+            "message_id": message.message_id.to_string(),
+            "conversation_id": conversation.id,
+            "customer_id": customer_id,
+            "envelope": serde_json::to_string(message)?,
+        }));
+        decision_rows.push(json!({
+            "channel_id": message.channel.id,
+            "external_id": message.external_id,
+            "conversation_id": conversation.id,
+            "queue": routed.queue,
+            "urgency": routed.urgency,
+            "priority": routed.priority,
+            "assignment": routed.assignment,
+        }));
+        let stored = StoredDecision {
+            assignment: routed.assignment.clone(),
+            queue: routed.queue.clone(),
+            priority: routed.priority,
+            published: false,
+        };
+        decided.insert(key, stored);
+        outcomes.push(RouteOutcome::New {
+            queue: routed.queue,
+            priority: routed.priority,
+            assignment: routed.assignment,
+        });
+    }
+    if message_rows.is_empty() {
+        return Ok(outcomes);
+    }
+
+    // Write in bulk: customers and identities, conversations, messages, decisions.
+    let mut new_customers = Vec::new();
+    let mut seen_customers = Vec::new();
+    let mut new_conversations = Vec::new();
+    let mut seen_conversations = Vec::new();
+    for customer_id in &touched {
+        let (Some(customer), Some(conversation)) =
+            (customers.get(customer_id), conversations.get(customer_id))
+        else {
+            continue;
+        };
+        let customer_row = json!({
+            "id": customer_id,
+            "attributes": serde_json::to_string(&customer.attributes)?,
+        });
+        if customer.is_new {
+            new_customers.push(customer_row);
+        } else {
+            seen_customers.push(customer_row);
+        }
+        let conversation_row = json!({
+            "id": conversation.id,
+            "customer_id": customer_id,
+            "channels": serde_json::to_string(&conversation.channels)?,
+            "queue": conversation.queue,
+            "message_count": conversation.message_count,
+            "opened_at": conversation.opened_at,
+        });
+        if conversation.is_new {
+            new_conversations.push(conversation_row);
+        } else {
+            seen_conversations.push(conversation_row);
+        }
+    }
+    if !new_customers.is_empty() {
+        sqlx::query(
+            "INSERT INTO customers (id, attributes, created_at, last_seen_at)
+             SELECT value ->> 'id', value ->> 'attributes', ?1, ?1 FROM jsonb_each(?2)",
+        )
+        .bind(now_ms)
+        .bind(Value::Array(new_customers).to_string())
+        .execute(&mut *connection)
+        .await?;
+    }
+    if !new_identities.is_empty() {
+        sqlx::query(
+            "INSERT INTO identities (kind, address, customer_id, created_at)
+             SELECT value ->> 0, value ->> 1, value ->> 2, ?1 FROM jsonb_each(?2)",
+        )
+        .bind(now_ms)
+        .bind(serde_json::to_string(&new_identities)?)
+        .execute(&mut *connection)
+        .await?;
+    }
+    if !seen_customers.is_empty() {
+        sqlx::query(
+            "UPDATE customers SET attributes = j.value ->> 'attributes', last_seen_at = ?1
+             FROM jsonb_each(?2) AS j WHERE customers.id = j.value ->> 'id'",
+        )
+        .bind(now_ms)
+        .bind(Value::Array(seen_customers).to_string())
+        .execute(&mut *connection)
+        .await?;
+    }
+    if !new_conversations.is_empty() {
+        sqlx::query(
+            "INSERT INTO conversations (id, customer_id, status, channels, queue, message_count,
+                                        opened_at, last_activity_at)
+             SELECT value ->> 'id', value ->> 'customer_id', 'open', value ->> 'channels',
+                    value ->> 'queue', value ->> 'message_count', value ->> 'opened_at', ?1
+             FROM jsonb_each(?2)",
+        )
+        .bind(now_ms)
+        .bind(Value::Array(new_conversations).to_string())
+        .execute(&mut *connection)
+        .await?;
+    }
+    if !seen_conversations.is_empty() {
+        sqlx::query(
+            "UPDATE conversations SET channels = j.value ->> 'channels', queue = j.value ->> 'queue',
+                    message_count = j.value ->> 'message_count', last_activity_at = ?1
+             FROM jsonb_each(?2) AS j WHERE conversations.id = j.value ->> 'id'",
+        )
+        .bind(now_ms)
+        .bind(Value::Array(seen_conversations).to_string())
+        .execute(&mut *connection)
+        .await?;
+    }
+    sqlx::query(
+        "INSERT INTO messages (channel_id, external_id, message_id, conversation_id, customer_id,
+                               direction, envelope, received_at)
+         SELECT value ->> 'channel_id', value ->> 'external_id', value ->> 'message_id',
+                value ->> 'conversation_id', value ->> 'customer_id', 'inbound', value ->> 'envelope', ?1
+         FROM jsonb_each(?2)",
+    )
     .bind(now_ms)
-    .bind(now_ms)
-    .execute(&mut **tx)
+    .bind(Value::Array(message_rows).to_string())
+    .execute(&mut *connection)
     .await?;
     sqlx::query(
-        "INSERT INTO identities (kind, address, customer_id, created_at) VALUES (?, ?, ?, ?)",
+        "INSERT INTO decisions (channel_id, external_id, conversation_id, queue, urgency, priority,
+                                assignment, decided_at)
+         SELECT value ->> 'channel_id', value ->> 'external_id', value ->> 'conversation_id',
+                value ->> 'queue', value ->> 'urgency', value ->> 'priority', value ->> 'assignment', ?1
+         FROM jsonb_each(?2)",
     )
-    .bind(kind)
-    .bind(address)
-    .bind(&id)
     .bind(now_ms)
-    .execute(&mut **tx)
+    .bind(Value::Array(decision_rows).to_string())
+    .execute(&mut *connection)
     .await?;
-    Ok(id)
+    Ok(outcomes)
+}
+
+fn stored_decision(row: &sqlx::sqlite::SqliteRow) -> StoredDecision {
+    StoredDecision {
+        assignment: row.get("assignment"),
+        queue: row.get("queue"),
+        priority: u8::try_from(row.get::<i64, _>("priority")).unwrap_or(0),
+        published: row.get::<i64, _>("published") != 0,
+    }
 }

@@ -1,8 +1,13 @@
+use std::sync::Mutex;
+
 use serde_json::json;
 use switchboard_channel::{ChannelRef, NormalizedMessage, Sender};
 use time::OffsetDateTime;
 
 use super::*;
+use crate::router::decide::Identity;
+
+const DAY_MS: i64 = 24 * 60 * 60 * 1000;
 
 async fn store() -> (tempfile::TempDir, SqliteStore) {
     let dir = tempfile::tempdir().unwrap();
@@ -33,70 +38,93 @@ fn message(id: &str, sender: &str, kind: &str) -> NormalizedMessage {
     }
 }
 
-fn record(message: &NormalizedMessage, resolved: &Resolved) -> Record {
-    Record {
-        message: message.clone(),
-        customer_id: resolved.customer.id.clone(),
-        attributes: resolved.customer.attributes.clone(),
-        conversation_id: resolved.conversation.id.clone(),
-        queue: "general".into(),
-        urgency: 12,
-        priority: 1,
-        assignment: format!("{{\"for\": \"{}\"}}", message.external_id),
-    }
+/// Routes `messages` through the store with a decide step that records what it saw.
+async fn route(
+    store: &SqliteStore,
+    messages: &[NormalizedMessage],
+    now_ms: i64,
+) -> (Vec<RouteOutcome>, Vec<Resolved>) {
+    let seen = Mutex::new(Vec::new());
+    let decide = |message: &NormalizedMessage, resolved: &Resolved| {
+        seen.lock().unwrap().push(resolved.clone());
+        Routed {
+            queue: "general".into(),
+            urgency: 12,
+            priority: 1,
+            assignment: format!("{{\"for\": \"{}\"}}", message.external_id),
+        }
+    };
+    let outcomes = store.route_batch(messages, now_ms, &decide).await.unwrap();
+    (outcomes, seen.into_inner().unwrap())
 }
 
 #[tokio::test]
 async fn same_sender_same_customer_and_conversation() {
     let (_dir, store) = store().await;
-    let first = message("m-1", "visitor-1", "webchat");
-    let a = store.resolve(&first, 1_000).await.unwrap();
+    let (_, seen) = route(&store, &[message("m-1", "visitor-1", "webchat")], 1_000).await;
+    let a = &seen[0];
     assert!(a.conversation.new);
     assert_eq!(a.customer.contacts_last_24h, 1);
-    store.record(&[record(&first, &a)], 1_000).await.unwrap();
 
-    let second = message("m-2", "visitor-1", "webchat");
-    let b = store.resolve(&second, 2_000).await.unwrap();
+    let (_, seen) = route(&store, &[message("m-2", "visitor-1", "webchat")], 2_000).await;
+    let b = &seen[0];
     assert_eq!(a.customer.id, b.customer.id);
     assert_eq!(a.conversation.id, b.conversation.id);
     assert!(!b.conversation.new);
     assert_eq!(b.conversation.message_count, 1);
     assert_eq!(b.customer.contacts_last_24h, 2);
+    assert_eq!(b.customer.open_conversations, 1);
     assert_eq!(b.customer.channels_used, vec!["webchat"]);
     assert_eq!(
         b.customer.identities,
-        vec![crate::router::decide::Identity {
+        vec![Identity {
             kind: "webchat".into(),
             address: "visitor-1".into()
         }]
     );
 
-    let other = store
-        .resolve(&message("m-3", "visitor-2", "webchat"), 3_000)
-        .await
-        .unwrap();
-    assert_ne!(other.customer.id, a.customer.id);
-    assert_ne!(other.conversation.id, a.conversation.id);
+    let (_, seen) = route(&store, &[message("m-3", "visitor-2", "webchat")], 3_000).await;
+    assert_ne!(seen[0].customer.id, a.customer.id);
+    assert_ne!(seen[0].conversation.id, a.conversation.id);
 }
 
 #[tokio::test]
-async fn decisions_are_recorded_once_and_marked_published() {
+async fn later_messages_in_a_batch_see_earlier_ones() {
+    let (_dir, store) = store().await;
+    let batch = [message("m-1", "v", "webchat"), message("m-2", "v", "email")];
+    let (outcomes, seen) = route(&store, &batch, 1_000).await;
+    assert_eq!(outcomes.len(), 2);
+    assert!(seen[0].conversation.new);
+    assert!(!seen[1].conversation.new);
+    assert_eq!(seen[1].conversation.message_count, 1);
+    assert_eq!(seen[1].customer.contacts_last_24h, 2);
+}
+
+#[tokio::test]
+async fn a_recorded_message_returns_its_decision_and_is_not_decided_again() {
     let (_dir, store) = store().await;
     let m = message("m-1", "visitor-1", "webchat");
     assert_eq!(store.decision("chat", "m-1").await.unwrap(), None);
-    let resolved = store.resolve(&m, 1_000).await.unwrap();
-    let mut r = record(&m, &resolved);
-    store.record(std::slice::from_ref(&r), 1_000).await.unwrap();
-    // Recording the same key again changes nothing.
-    r.queue = "billing".into();
-    r.assignment = "{}".into();
-    store.record(&[r], 1_000).await.unwrap();
+    let (outcomes, _) = route(&store, std::slice::from_ref(&m), 1_000).await;
+    assert_eq!(
+        outcomes,
+        vec![RouteOutcome::New {
+            queue: "general".into(),
+            priority: 1,
+            assignment: "{\"for\": \"m-1\"}".into()
+        }]
+    );
 
-    let stored = store.decision("chat", "m-1").await.unwrap().unwrap();
-    assert_eq!(stored.queue, "general");
-    assert_eq!(stored.priority, 1);
-    assert_eq!(stored.assignment, "{\"for\": \"m-1\"}");
-    assert!(!stored.published);
+    let (outcomes, seen) = route(&store, std::slice::from_ref(&m), 2_000).await;
+    assert!(seen.is_empty(), "decide was not called again");
+    let expected = StoredDecision {
+        assignment: "{\"for\": \"m-1\"}".into(),
+        queue: "general".into(),
+        priority: 1,
+        published: false,
+    };
+    assert_eq!(outcomes, vec![RouteOutcome::Existing(expected.clone())]);
+    assert_eq!(store.decision("chat", "m-1").await.unwrap(), Some(expected));
 
     store
         .mark_published(&[("chat".into(), "m-1".into())])
@@ -111,12 +139,9 @@ async fn decisions_are_recorded_once_and_marked_published() {
             .published
     );
 
-    let again = store
-        .resolve(&message("m-2", "visitor-1", "webchat"), 2_000)
-        .await
-        .unwrap();
+    let (_, seen) = route(&store, &[message("m-2", "visitor-1", "webchat")], 3_000).await;
     assert_eq!(
-        again.conversation.message_count, 1,
+        seen[0].conversation.message_count, 1,
         "the duplicate did not count"
     );
 }
@@ -127,53 +152,47 @@ async fn attributes_merge_and_persist() {
     let mut m = message("m-1", "visitor-1", "webchat");
     m.metadata
         .insert("attributes".into(), json!({"tier": "vip", "plan": "pro"}));
-    let resolved = store.resolve(&m, 1_000).await.unwrap();
-    assert_eq!(resolved.customer.attributes["tier"], "vip");
-    store.record(&[record(&m, &resolved)], 1_000).await.unwrap();
+    let (_, seen) = route(&store, &[m], 1_000).await;
+    assert_eq!(seen[0].customer.attributes["tier"], "vip");
 
     let mut next = message("m-2", "visitor-1", "webchat");
     next.metadata
         .insert("attributes".into(), json!({"plan": "enterprise"}));
-    let resolved = store.resolve(&next, 2_000).await.unwrap();
+    let (_, seen) = route(&store, &[next], 2_000).await;
     assert_eq!(
-        resolved.customer.attributes["tier"], "vip",
+        seen[0].customer.attributes["tier"], "vip",
         "kept from before"
     );
-    assert_eq!(
-        resolved.customer.attributes["plan"], "enterprise",
-        "updated"
-    );
+    assert_eq!(seen[0].customer.attributes["plan"], "enterprise", "updated");
 }
 
 #[tokio::test]
 async fn channels_used_accumulate_without_duplicates() {
     let (_dir, store) = store().await;
     for (i, kind) in ["webchat", "email", "webchat"].iter().enumerate() {
-        let m = message(&format!("m-{i}"), "visitor-1", kind);
-        let resolved = store.resolve(&m, 1_000).await.unwrap();
-        store.record(&[record(&m, &resolved)], 1_000).await.unwrap();
+        route(
+            &store,
+            &[message(&format!("m-{i}"), "visitor-1", kind)],
+            1_000,
+        )
+        .await;
     }
-    let resolved = store
-        .resolve(&message("m-9", "visitor-1", "webchat"), 2_000)
-        .await
-        .unwrap();
-    assert_eq!(resolved.customer.channels_used, vec!["webchat", "email"]);
+    let (_, seen) = route(&store, &[message("m-9", "visitor-1", "webchat")], 2_000).await;
+    assert_eq!(seen[0].customer.channels_used, vec!["webchat", "email"]);
 }
 
 #[tokio::test]
 async fn contacts_last_24h_forgets_old_messages() {
     let (_dir, store) = store().await;
-    let m = message("m-1", "visitor-1", "webchat");
-    let resolved = store.resolve(&m, 0).await.unwrap();
-    store.record(&[record(&m, &resolved)], 0).await.unwrap();
-    let later = store
-        .resolve(&message("m-2", "visitor-1", "webchat"), DAY_MS_FOR_TEST + 1)
-        .await
-        .unwrap();
-    assert_eq!(later.customer.contacts_last_24h, 1);
+    route(&store, &[message("m-1", "visitor-1", "webchat")], 0).await;
+    let (_, seen) = route(
+        &store,
+        &[message("m-2", "visitor-1", "webchat")],
+        DAY_MS + 1,
+    )
+    .await;
+    assert_eq!(seen[0].customer.contacts_last_24h, 1);
 }
-
-const DAY_MS_FOR_TEST: i64 = 24 * 60 * 60 * 1000;
 
 #[tokio::test]
 async fn unwritable_location_is_a_clear_error() {

@@ -1,0 +1,488 @@
+//! Router hop throughput against a raw lapin relay on the same broker, and webhook→assignment
+//! latency at a fixed rate through the real daemon.
+//!
+//! `cargo bench --bench router_hop` (RabbitMQ on 127.0.0.1:5672). Options through the
+//! environment: `BENCH_MESSAGES` (default 20000), `BENCH_RUNS` (3), `BENCH_RATE` (1000/s),
+//! `BENCH_SECONDS` (10).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use switchboard::bus::amqp::AmqpBus;
+use switchboard::config::BusConfig;
+use switchboard::router::rules::RuleSet;
+use switchboard::router::service::Router;
+use switchboard::store::{SqliteStore, Store};
+use switchboard_channel::{ChannelRef, CloudEvent, NormalizedMessage, Sender};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+const PREFETCH: u16 = 128;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn message(i: usize) -> NormalizedMessage {
+    let external_id = format!("bench-{i}");
+    NormalizedMessage {
+        message_id: NormalizedMessage::stable_id("chat", &external_id),
+        channel: ChannelRef {
+            id: "chat".into(),
+            kind: "webchat".into(),
+        },
+        external_id,
+        thread_key: None,
+        sender: Sender {
+            kind: "webchat".into(),
+            address: format!("visitor-{}", i % 1000),
+            name: None,
+        },
+        subject: None,
+        text: if i % 3 == 0 {
+            "I need a refund for my last invoice".into()
+        } else {
+            "Where is my order? It has been a week.".into()
+        },
+        attachments: vec![],
+        received_at: time::OffsetDateTime::now_utc(),
+        auto_submitted: false,
+        metadata: Default::default(),
+    }
+}
+
+async fn connect() -> Connection {
+    Connection::connect(AMQP_URL, ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ on 127.0.0.1:5672")
+}
+
+/// Publishes `bodies` with confirms, pipelined.
+async fn fill(connection: &Connection, exchange: &str, key: &str, bodies: &[Vec<u8>]) {
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    for chunk in bodies.chunks(1000) {
+        for body in chunk {
+            channel
+                .basic_publish(
+                    exchange.into(),
+                    key.into(),
+                    BasicPublishOptions::default(),
+                    body,
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await
+                .unwrap();
+        }
+        channel.wait_for_confirms().await.unwrap();
+    }
+}
+
+async fn depth(connection: &Connection, queue: &str) -> u32 {
+    let channel = connection.create_channel().await.unwrap();
+    let q = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let _ = channel.close(200, "".into()).await;
+    q.message_count()
+}
+
+async fn wait_depth(connection: &Connection, queues: &[String], total: u32) {
+    loop {
+        let mut sum = 0;
+        for q in queues {
+            sum += depth(connection, q).await;
+        }
+        if sum >= total {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn delete_prefix(connection: &Connection, prefix: &str, queues: &[String]) {
+    let channel = connection.create_channel().await.unwrap();
+    for q in queues
+        .iter()
+        .cloned()
+        .chain([format!("{prefix}.router"), format!("{prefix}.dead")])
+    {
+        let _ = channel
+            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+    for e in ["inbound", "assign", "outbound", "events", "dlx"] {
+        let _ = channel
+            .exchange_delete(format!("{prefix}.{e}").as_str().into(), Default::default())
+            .await;
+    }
+}
+
+/// The router hop: consume normalized message → decide → store → publish assignment → ack.
+async fn router_hop(n: usize) -> f64 {
+    let connection = connect().await;
+    let prefix = format!(
+        "bench-hop-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let rules = RuleSet::load_dir(&repo().join("routing-rules")).unwrap();
+    let agent_queues: Vec<String> = rules
+        .queue_names()
+        .iter()
+        .map(|q| format!("{prefix}.queue.{q}"))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(&format!("sqlite://{}", dir.path().join("b.db").display()))
+            .await
+            .unwrap(),
+    );
+    let config = BusConfig {
+        prefix: prefix.clone(),
+        prefetch: PREFETCH,
+        ..BusConfig::default()
+    };
+    let tracker = TaskTracker::new();
+    let cancel = CancellationToken::new();
+    let bus = AmqpBus::start(
+        AMQP_URL,
+        &config,
+        rules.queue_names(),
+        &tracker,
+        cancel.clone(),
+    );
+    assert!(bus.wait_connected(Duration::from_secs(10)).await);
+
+    let bodies: Vec<Vec<u8>> = (0..n)
+        .map(|i| serde_json::to_vec(&CloudEvent::message_received(message(i))).unwrap())
+        .collect();
+    fill(
+        &connection,
+        &format!("{prefix}.inbound"),
+        "webchat.chat",
+        &bodies,
+    )
+    .await;
+
+    let router = Router {
+        rules: Arc::new(ArcSwap::from_pointee(rules)),
+        store,
+    };
+    let started = Instant::now();
+    let stop = CancellationToken::new();
+    let handle = tokio::spawn(router.run_on_own_thread(bus.router_link(), stop.clone()));
+    wait_depth(&connection, &agent_queues, n as u32).await;
+    let elapsed = started.elapsed();
+    stop.cancel();
+    let _ = handle.await;
+    cancel.cancel();
+    tracker.close();
+    tracker.wait().await;
+    delete_prefix(&connection, &prefix, &agent_queues).await;
+    n as f64 / elapsed.as_secs_f64()
+}
+
+/// The raw relay: consume → republish with confirm → ack, no work, same payloads and prefetch,
+/// confirms awaited per batch of what the consumer has in hand.
+async fn raw_relay(n: usize) -> f64 {
+    let connection = connect().await;
+    let prefix = format!(
+        "bench-raw-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let (source, target) = (format!("{prefix}.source"), format!("{prefix}.target"));
+    let setup = connection.create_channel().await.unwrap();
+    let mut quorum = FieldTable::default();
+    quorum.insert(
+        "x-queue-type".into(),
+        lapin::types::AMQPValue::LongString("quorum".into()),
+    );
+    setup
+        .queue_declare(
+            source.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            quorum,
+        )
+        .await
+        .unwrap();
+    let mut priority = FieldTable::default();
+    priority.insert(
+        "x-max-priority".into(),
+        lapin::types::AMQPValue::ShortShortUInt(10),
+    );
+    setup
+        .queue_declare(
+            target.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            priority,
+        )
+        .await
+        .unwrap();
+    let bodies: Vec<Vec<u8>> = (0..n)
+        .map(|i| serde_json::to_vec(&CloudEvent::message_received(message(i))).unwrap())
+        .collect();
+    fill(&connection, "", &source, &bodies).await;
+
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .basic_qos(PREFETCH, BasicQosOptions::default())
+        .await
+        .unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let mut consumer = channel
+        .basic_consume(
+            source.as_str().into(),
+            "relay".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut relayed = 0;
+    while relayed < n {
+        let first = consumer.next().await.unwrap().unwrap();
+        let mut batch = vec![first];
+        while let Some(Some(Ok(d))) = futures::FutureExt::now_or_never(consumer.next()) {
+            batch.push(d);
+        }
+        for d in &batch {
+            channel
+                .basic_publish(
+                    "".into(),
+                    target.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &d.data,
+                    BasicProperties::default()
+                        .with_delivery_mode(2)
+                        .with_priority(1),
+                )
+                .await
+                .unwrap();
+        }
+        channel.wait_for_confirms().await.unwrap();
+        let last = batch.last().unwrap().delivery_tag;
+        channel
+            .basic_ack(last, BasicAckOptions { multiple: true })
+            .await
+            .unwrap();
+        relayed += batch.len();
+    }
+    let elapsed = started.elapsed();
+    let _ = setup
+        .queue_delete(source.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    let _ = setup
+        .queue_delete(target.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    n as f64 / elapsed.as_secs_f64()
+}
+
+/// Webhook → assignment latency through the real daemon at a fixed request rate.
+async fn webhook_latency(rate: usize, seconds: usize) -> (f64, f64, f64, usize) {
+    let connection = connect().await;
+    let prefix = format!(
+        "bench-lat-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = dir.path().join("sb.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[bus]\nurl = \"{AMQP_URL}\"\nprefix = \"{prefix}\"\n[store]\nurl = \"sqlite://{}\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n[routing]\nrules = \"{}\"\n[[channels]]\nid = \"chat\"\nkind = \"webchat\"\n",
+            dir.path().join("sb.db").display(),
+            repo().join("routing-rules").display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["run", "-c", config.to_str().unwrap()])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let http = reqwest::Client::new();
+    let ready = format!("http://127.0.0.1:{port}/readyz");
+    for _ in 0..200 {
+        if http
+            .get(&ready)
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Consume every agent queue and note when each assignment arrives.
+    let queues = ["general", "billing", "technical", "escalations"];
+    let (arrived_tx, mut arrived_rx) = tokio::sync::mpsc::unbounded_channel::<(String, Instant)>();
+    for q in queues {
+        let channel = connection.create_channel().await.unwrap();
+        let mut consumer = channel
+            .basic_consume(
+                format!("{prefix}.queue.{q}").as_str().into(),
+                "lat".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let tx = arrived_tx.clone();
+        tokio::spawn(async move {
+            let _channel = channel;
+            while let Some(Ok(d)) = consumer.next().await {
+                let v: serde_json::Value = serde_json::from_slice(&d.data).unwrap();
+                let id = v["data"]["message"]["external_id"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned();
+                let _ = tx.send((id, Instant::now()));
+            }
+        });
+    }
+
+    let total = rate * seconds;
+    let url = format!("http://127.0.0.1:{port}/webhooks/chat");
+    let mut sent: HashMap<String, Instant> = HashMap::with_capacity(total);
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let start = Instant::now();
+    let mut requests = Vec::with_capacity(total);
+    for i in 0..total {
+        let due = start + interval * i as u32;
+        tokio::time::sleep_until(due.into()).await;
+        let id = format!("lat-{i}");
+        let body = serde_json::json!({"message_id": id, "customer": {"id": format!("v{}", i % 500)}, "text": if i % 3 == 0 { "refund please" } else { "hello" }}).to_string();
+        sent.insert(id, Instant::now());
+        let http = http.clone();
+        let url = url.clone();
+        requests.push(tokio::spawn(async move {
+            http.post(url)
+                .body(body)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        }));
+    }
+    let mut failed = 0;
+    for r in requests {
+        if !matches!(r.await, Ok(Ok(200))) {
+            failed += 1;
+        }
+    }
+    let mut latencies = Vec::with_capacity(total);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while latencies.len() < total - failed && Instant::now() < deadline {
+        if let Ok(Some((id, at))) =
+            tokio::time::timeout(Duration::from_secs(1), arrived_rx.recv()).await
+            && let Some(sent_at) = sent.get(&id)
+        {
+            latencies.push(at.duration_since(*sent_at).as_secs_f64() * 1000.0);
+        }
+    }
+    let _ = Command::new("kill").arg(child.id().to_string()).status();
+    let _ = child.wait();
+    let agent: Vec<String> = queues
+        .iter()
+        .map(|q| format!("{prefix}.queue.{q}"))
+        .collect();
+    delete_prefix(&connection, &prefix, &agent).await;
+    latencies.sort_by(f64::total_cmp);
+    let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
+    (pct(0.5), pct(0.99), pct(1.0), latencies.len())
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn main() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let n = env_usize("BENCH_MESSAGES", 20_000);
+    let runs = env_usize("BENCH_RUNS", 3);
+    let rate = env_usize("BENCH_RATE", 1000);
+    let seconds = env_usize("BENCH_SECONDS", 10);
+    runtime.block_on(async {
+        let mut hops = Vec::new();
+        let mut raws = Vec::new();
+        let mut ratios = Vec::new();
+        for run in 1..=runs {
+            let raw = raw_relay(n).await;
+            let hop = router_hop(n).await;
+            println!("run {run}: raw relay {raw:.0} msg/s, router hop {hop:.0} msg/s, ratio {:.2}", hop / raw);
+            raws.push(raw);
+            hops.push(hop);
+            ratios.push(hop / raw);
+        }
+        println!(
+            "median of {runs} runs, {n} messages each: raw relay {:.0} msg/s, router hop {:.0} msg/s, ratio {:.2}",
+            median(raws),
+            median(hops),
+            median(ratios)
+        );
+        let mut p50s = Vec::new();
+        let mut p99s = Vec::new();
+        for run in 1..=runs {
+            let (p50, p99, max, count) = webhook_latency(rate, seconds).await;
+            println!("latency run {run}: {count} assignments at {rate}/s: p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms");
+            p50s.push(p50);
+            p99s.push(p99);
+        }
+        println!(
+            "median of {runs} runs at {rate} msg/s for {seconds} s: webhook→assignment p50 {:.1} ms, p99 {:.1} ms",
+            median(p50s),
+            median(p99s)
+        );
+    });
+}
