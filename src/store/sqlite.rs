@@ -194,19 +194,16 @@ async fn route_in(
     {
         let id: String = row.get("id");
         by_identity.insert((row.get("kind"), row.get("address")), id.clone());
-        if !customers.contains_key(&id) {
+        if let std::collections::hash_map::Entry::Vacant(entry) = customers.entry(id) {
             let attributes: Map<String, Value> =
                 serde_json::from_str(row.get::<&str, _>("attributes"))?;
-            customers.insert(
-                id,
-                CustomerState {
-                    attributes,
-                    identities: Vec::new(),
-                    recent: 0,
-                    open_conversations: 0,
-                    is_new: false,
-                },
-            );
+            entry.insert(CustomerState {
+                attributes,
+                identities: Vec::new(),
+                recent: 0,
+                open_conversations: 0,
+                is_new: false,
+            });
         }
     }
     let known: Vec<&String> = customers.keys().collect();
