@@ -58,7 +58,7 @@ fn message(i: usize) -> NormalizedMessage {
             name: None,
         },
         subject: None,
-        text: if i % 3 == 0 {
+        text: if i.is_multiple_of(3) {
             "I need a refund for my last invoice".into()
         } else {
             "Where is my order? It has been a week.".into()
@@ -402,7 +402,7 @@ async fn webhook_latency(rate: usize, seconds: usize) -> (f64, f64, f64, usize) 
         let due = start + interval * i as u32;
         tokio::time::sleep_until(due.into()).await;
         let id = format!("lat-{i}");
-        let body = serde_json::json!({"message_id": id, "customer": {"id": format!("v{}", i % 500)}, "text": if i % 3 == 0 { "refund please" } else { "hello" }}).to_string();
+        let body = serde_json::json!({"message_id": id, "customer": {"id": format!("v{}", i % 500)}, "text": if i.is_multiple_of(3) { "refund please" } else { "hello" }}).to_string();
         sent.insert(id, Instant::now());
         let http = http.clone();
         let url = url.clone();
