@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-const PREFETCH: u16 = 128;
+const PREFETCH: u16 = 256;
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)

@@ -25,7 +25,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use super::{Assignment, BusError, Delivery, Outcome, REASON_HEADER, RouterLink, Topology};
+use super::{
+    Assignment, BusError, Delivery, Outcome, PendingCommit, REASON_HEADER, RouterLink, Topology,
+};
 use crate::config::BusConfig;
 
 /// How many publish requests may wait for the publisher task before webhooks feel backpressure.
@@ -530,6 +532,34 @@ struct Session {
     bodies: HashMap<u64, Vec<u8>>,
 }
 
+impl Session {
+    fn take(&mut self, delivery: lapin::message::Delivery) -> Delivery {
+        self.bodies
+            .insert(delivery.delivery_tag, delivery.data.clone());
+        Delivery {
+            tag: delivery.delivery_tag,
+            body: delivery.data,
+            redelivered: delivery.redelivered,
+        }
+    }
+
+    /// Deliveries the consumer already holds, without waiting.
+    fn ready(&mut self, max: usize) -> Result<Vec<Delivery>, BusError> {
+        let mut batch = Vec::new();
+        while batch.len() < max {
+            match self.consumer.next().now_or_never() {
+                Some(Some(delivery)) => {
+                    let delivery = self.take(delivery?);
+                    batch.push(delivery);
+                }
+                Some(None) => return Err(BusError::Disconnected),
+                None => break,
+            }
+        }
+        Ok(batch)
+    }
+}
+
 impl AmqpRouterLink {
     async fn session(&mut self) -> Result<&mut Session, BusError> {
         if self.session.is_none() {
@@ -571,30 +601,19 @@ impl RouterLink for AmqpRouterLink {
             .next()
             .await
             .ok_or(BusError::Disconnected)??;
-        let mut batch = vec![first];
-        while batch.len() < max {
-            match session.consumer.next().now_or_never() {
-                Some(Some(delivery)) => batch.push(delivery?),
-                Some(None) => return Err(BusError::Disconnected),
-                None => break,
-            }
-        }
-        Ok(batch
-            .into_iter()
-            .map(|delivery| {
-                session
-                    .bodies
-                    .insert(delivery.delivery_tag, delivery.data.clone());
-                Delivery {
-                    tag: delivery.delivery_tag,
-                    body: delivery.data,
-                    redelivered: delivery.redelivered,
-                }
-            })
-            .collect())
+        let mut batch = vec![session.take(first)];
+        batch.extend(session.ready(max.saturating_sub(1))?);
+        Ok(batch)
     }
 
-    async fn commit(&mut self, outcomes: Vec<(u64, Outcome)>) -> Result<(), BusError> {
+    fn ready_batch(&mut self, max: usize) -> Result<Vec<Delivery>, BusError> {
+        match self.session.as_mut() {
+            Some(session) => session.ready(max),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    async fn commit(&mut self, outcomes: Vec<(u64, Outcome)>) -> Result<PendingCommit, BusError> {
         let topology = self.shared.topology.clone();
         let session = self.session().await?;
         for (tag, outcome) in &outcomes {
@@ -654,11 +673,11 @@ impl RouterLink for AmqpRouterLink {
                 .basic_ack(last, BasicAckOptions { multiple: true })
                 .await?;
         }
-        session.channel.tx_commit().await?;
         for (tag, _) in &outcomes {
             session.bodies.remove(tag);
         }
-        Ok(())
+        let channel = session.channel.clone();
+        Ok(Box::pin(async move { Ok(channel.tx_commit().await?) }))
     }
 
     async fn reset(&mut self) -> Result<(), BusError> {

@@ -88,15 +88,22 @@ pub struct Assignment {
     pub body: String,
 }
 
+/// A commit in flight: resolves once the bus has made the batch durable.
+pub type PendingCommit = futures::future::BoxFuture<'static, Result<(), BusError>>;
+
 /// The router's side of the bus.
 #[async_trait]
 pub trait RouterLink: Send {
     /// Waits for at least one delivery, then takes whatever else is ready, up to `max`.
     async fn next_batch(&mut self, max: usize) -> Result<Vec<Delivery>, BusError>;
 
+    /// Takes only deliveries already at hand, up to `max`; empty if none.
+    fn ready_batch(&mut self, max: usize) -> Result<Vec<Delivery>, BusError>;
+
     /// Publishes every assignment, dead-letters, and acknowledges every delivery of the batch,
-    /// as one step: after a crash either all of it happened or the deliveries come back.
-    async fn commit(&mut self, outcomes: Vec<(u64, Outcome)>) -> Result<(), BusError>;
+    /// as one step: after a crash either all of it happened or the deliveries come back. The
+    /// step completes when the returned future resolves; nothing else may be committed before.
+    async fn commit(&mut self, outcomes: Vec<(u64, Outcome)>) -> Result<PendingCommit, BusError>;
 
     /// Drops the current session after an error (its deliveries return to the queue) and
     /// waits for a new one.

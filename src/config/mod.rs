@@ -52,7 +52,7 @@ impl Default for BusConfig {
         Self {
             url: None,
             prefix: "switchboard".to_owned(),
-            prefetch: 128,
+            prefetch: 256,
             confirm_timeout: Duration::from_secs(5),
             delivery_limit: 20,
         }

@@ -111,19 +111,35 @@ impl Router {
     }
 
     /// Runs until `cancel`; the batch in hand when it fires is finished and committed.
+    ///
+    /// Batches are pipelined: while the bus commits batch N, batch N+1 (whatever the consumer
+    /// already holds) is decided and recorded in the store. Its publish waits for N's commit.
     pub async fn run(self, mut link: impl RouterLink, cancel: CancellationToken) {
         let mut failures = 0u32;
+        let mut carried: Option<Prepared> = None;
         loop {
-            let batch = tokio::select! {
-                () = cancel.cancelled() => break,
-                batch = link.next_batch(MAX_BATCH) => batch,
+            let prepared = match carried.take() {
+                Some(prepared) => Ok(prepared),
+                None => {
+                    let batch = tokio::select! {
+                        () = cancel.cancelled() => break,
+                        batch = link.next_batch(MAX_BATCH) => batch,
+                    };
+                    match batch {
+                        Ok(batch) => self.prepare(batch).await,
+                        Err(error) => Err(error.to_string()),
+                    }
+                }
             };
-            let result = match batch {
-                Ok(batch) => self.handle_batch(&mut link, batch).await,
-                Err(error) => Err(error.to_string()),
+            let result = match prepared {
+                Ok(prepared) => self.commit(&mut link, prepared, &cancel).await,
+                Err(error) => Err(error),
             };
             match result {
-                Ok(()) => failures = 0,
+                Ok(next) => {
+                    failures = 0;
+                    carried = next;
+                }
                 Err(error) => {
                     failures = failures.saturating_add(1);
                     let delay = Duration::from_millis(100 * u64::from(failures.min(50)));
@@ -140,13 +156,50 @@ impl Router {
         info!("Router stopped.");
     }
 
-    /// Decides and records the batch in one store transaction, then publishes and acknowledges
-    /// it in one bus commit. Any failure leaves the whole batch unacknowledged.
-    async fn handle_batch(
+    /// Commits a prepared batch; meanwhile prepares the next one if the consumer holds any
+    /// (not once shutting down), and returns it.
+    async fn commit(
         &self,
         link: &mut impl RouterLink,
-        batch: Vec<Delivery>,
-    ) -> Result<(), String> {
+        prepared: Prepared,
+        cancel: &CancellationToken,
+    ) -> Result<Option<Prepared>, String> {
+        failpoint("router.after_record");
+        let Prepared {
+            started,
+            outcomes,
+            publish_keys,
+            queues,
+        } = prepared;
+        let pending = link.commit(outcomes).await.map_err(|e| e.to_string())?;
+        let next = if cancel.is_cancelled() {
+            Vec::new()
+        } else {
+            link.ready_batch(MAX_BATCH).map_err(|e| e.to_string())?
+        };
+        let (committed, next) = if next.is_empty() {
+            (pending.await, None)
+        } else {
+            let (committed, next) = tokio::join!(pending, self.prepare(next));
+            (committed, Some(next))
+        };
+        committed.map_err(|e| e.to_string())?;
+        let elapsed = started.elapsed().as_secs_f64();
+        for queue in queues {
+            metrics::counter!("switchboard_assignments_total", "queue" => queue).increment(1);
+            metrics::histogram!("switchboard_routing_latency_seconds").record(elapsed);
+        }
+        if let Err(error) = self.store.mark_published(&publish_keys).await {
+            // Harmless: an unmarked decision is only republished on a redelivery, and a
+            // committed message is never redelivered.
+            warn!(%error, "Could not mark decisions published.");
+        }
+        next.transpose()
+    }
+
+    /// Decides and records a batch in one store transaction; returns what to publish and
+    /// acknowledge. A failure leaves the whole batch unacknowledged.
+    async fn prepare(&self, batch: Vec<Delivery>) -> Result<Prepared, String> {
         let started = Instant::now();
         let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
         let mut to_route = Vec::new();
@@ -219,26 +272,26 @@ impl Router {
                 None => Outcome::Ack,
             });
         }
-
-        failpoint("router.after_record");
-        let outcomes: Vec<(u64, Outcome)> = batch
+        let outcomes = batch
             .iter()
             .zip(outcomes)
             .map(|(delivery, outcome)| (delivery.tag, outcome.unwrap_or(Outcome::Ack)))
             .collect();
-        link.commit(outcomes).await.map_err(|e| e.to_string())?;
-        let elapsed = started.elapsed().as_secs_f64();
-        for queue in queues {
-            metrics::counter!("switchboard_assignments_total", "queue" => queue).increment(1);
-            metrics::histogram!("switchboard_routing_latency_seconds").record(elapsed);
-        }
-        if let Err(error) = self.store.mark_published(&publish_keys).await {
-            // Harmless: an unmarked decision is only republished on a redelivery, and a
-            // committed message is never redelivered.
-            warn!(%error, "Could not mark decisions published.");
-        }
-        Ok(())
+        Ok(Prepared {
+            started,
+            outcomes,
+            publish_keys,
+            queues,
+        })
     }
+}
+
+/// A batch decided and recorded, waiting for its bus commit.
+struct Prepared {
+    started: Instant,
+    outcomes: Vec<(u64, Outcome)>,
+    publish_keys: Vec<(String, String)>,
+    queues: Vec<String>,
 }
 
 fn parse(delivery: &Delivery) -> Result<NormalizedMessage, String> {

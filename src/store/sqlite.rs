@@ -85,17 +85,13 @@ impl Store for SqliteStore {
         if keys.is_empty() {
             return Ok(());
         }
-        let mut tx = self.pool.begin().await?;
-        for (channel_id, external_id) in keys {
-            sqlx::query(
-                "UPDATE decisions SET published = 1 WHERE channel_id = ? AND external_id = ?",
-            )
-            .bind(channel_id)
-            .bind(external_id)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
+        sqlx::query(
+            "UPDATE decisions SET published = 1 FROM jsonb_each(?) AS j
+             WHERE decisions.channel_id = j.value ->> 0 AND decisions.external_id = j.value ->> 1",
+        )
+        .bind(serde_json::to_string(keys)?)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
