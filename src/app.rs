@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use arc_swap::ArcSwap;
 use switchboard_channel::{ChannelContext, ChannelRef};
 use tokio::signal::unix::{SignalKind, signal};
@@ -14,50 +14,81 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
+use crate::bus::Bus;
 use crate::bus::amqp::AmqpBus;
+use crate::bus::embedded::EmbeddedBus;
 use crate::channels::ChannelAdapter;
 use crate::config::Loaded;
 use crate::http::{AppState, ChannelEntry};
 use crate::router::rules::RuleSet;
 use crate::router::service::Router;
-use crate::store;
+use crate::store::{self, SqliteStore, Store};
 
 /// Runs the daemon until a termination signal.
 pub async fn run(loaded: Loaded, rules_override: Option<PathBuf>) -> anyhow::Result<()> {
-    let config = loaded.config.clone();
+    let mut config = loaded.config.clone();
+    let zero_config = loaded.path.is_none();
     let metrics = crate::telemetry::init_metrics();
 
     let rules_dir = rules_override.unwrap_or_else(|| config.rules_dir(loaded.base_dir()));
-    let rules = RuleSet::load_dir(&rules_dir)
-        .map_err(|diagnostics| anyhow::anyhow!("the routing rules are invalid:\n{diagnostics}"))?;
-    info!(dir = %rules_dir.display(), version = %rules.version, queues = rules.queues.len(), rules = rules.rules.len(), "Routing rules loaded.");
+    let rules = if zero_config && !rules_dir.is_dir() {
+        info!(dir = %rules_dir.display(), "No rules directory: using the built-in rule set (one catch-all queue, `general`).");
+        RuleSet::builtin()
+    } else {
+        let rules = RuleSet::load_dir(&rules_dir).map_err(|diagnostics| {
+            anyhow::anyhow!("the routing rules are invalid:\n{diagnostics}")
+        })?;
+        info!(dir = %rules_dir.display(), version = %rules.version, queues = rules.queues.len(), rules = rules.rules.len(), "Routing rules loaded.");
+        rules
+    };
     let rules = Arc::new(ArcSwap::from_pointee(rules));
 
-    let Some(bus_url) = config.bus.url.clone() else {
-        bail!(
-            "[bus] url is not set: the embedded single-node bus is not available yet; point [bus] url at RabbitMQ (amqp://…)"
-        );
-    };
-
-    let store = store::open(&config.store.url)
-        .await
-        .with_context(|| format!("opening the store {}", config.store.url))?;
-    info!(url = %config.store.url, "Store open.");
-
-    // Intake (HTTP, router) stops first; the bus closes after the drain.
+    // Intake (HTTP, router) stops first; the bus and the store close after the drain.
     let intake = CancellationToken::new();
     let bus_cancel = CancellationToken::new();
     let intake_tasks = TaskTracker::new();
     let bus_tasks = TaskTracker::new();
 
-    let bus = AmqpBus::start(
-        &bus_url,
-        &config.bus,
-        rules.load().queue_names(),
-        &bus_tasks,
-        bus_cancel.clone(),
-    );
-    info!(prefix = %config.bus.prefix, "Bus mode: RabbitMQ.");
+    let (store, bus) = match config.bus.url.clone() {
+        Some(url) => {
+            let store = store::open(&config.store.url)
+                .await
+                .with_context(|| format!("opening the store {}", config.store.url))?;
+            let bus = AmqpBus::start(
+                &url,
+                &config.bus,
+                rules.load().queue_names(),
+                &bus_tasks,
+                bus_cancel.clone(),
+            );
+            info!(broker = %redact(&url), prefix = %config.bus.prefix, store = %config.store.url, "Mode: RabbitMQ bus.");
+            (store, Bus::Amqp(bus))
+        }
+        None => {
+            let sqlite = SqliteStore::open(&config.store.url)
+                .await
+                .with_context(|| format!("opening the store {}", config.store.url))?;
+            let bus = EmbeddedBus::start(sqlite.pool().clone(), &config.bus, &bus_tasks, bus_cancel.clone())
+                .await
+                .context("starting the embedded bus")?;
+            info!(data = %sqlite.path().display(), "Mode: single node, embedded bus in the store (no broker).");
+            let store: Arc<dyn Store> = Arc::new(sqlite);
+            (store, Bus::Embedded(bus))
+        }
+    };
+
+    if zero_config && config.channels.is_empty() {
+        warn!("No config file: serving an unsigned web chat channel at /webhooks/webchat.");
+        config.channels.push(crate::config::ChannelConfig {
+            id: "webchat".to_owned(),
+            kind: "webchat".to_owned(),
+            max_body_bytes: None,
+            options: toml::Table::new(),
+        });
+    }
+    if zero_config && config.http.admin_token.is_none() {
+        config.http.admin_token = Some(admin_token_file(&config.store.url)?);
+    }
 
     let mut channels = HashMap::new();
     for (index, channel) in config.channels.iter().enumerate() {
@@ -65,11 +96,7 @@ pub async fn run(loaded: Loaded, rules_override: Option<PathBuf>) -> anyhow::Res
             anyhow::anyhow!(
                 "channel `{}`: {}",
                 channel.id,
-                problems
-                    .iter()
-                    .map(|(k, m)| format!("{k}: {m}"))
-                    .collect::<Vec<_>>()
-                    .join("; ")
+                problems.iter().map(|(k, m)| format!("{k}: {m}")).collect::<Vec<_>>().join("; ")
             )
         })?;
         let context = ChannelContext::new(
@@ -100,7 +127,10 @@ pub async fn run(loaded: Loaded, rules_override: Option<PathBuf>) -> anyhow::Res
         channels,
         bus: bus.clone(),
         store: store.clone(),
+        rules: rules.clone(),
+        admin_token: config.http.admin_token.clone(),
         metrics,
+        shutdown: intake.clone(),
     });
     let listener = tokio::net::TcpListener::bind(config.http.listen)
         .await
@@ -124,9 +154,7 @@ pub async fn run(loaded: Loaded, rules_override: Option<PathBuf>) -> anyhow::Res
         .await
         .is_err()
     {
-        warn!(
-            "In-flight work did not finish before the deadline; unacknowledged messages will be redelivered."
-        );
+        warn!("In-flight work did not finish before the deadline; unacknowledged messages will be redelivered.");
     }
     bus_cancel.cancel();
     bus_tasks.close();
@@ -136,8 +164,45 @@ pub async fn run(loaded: Loaded, rules_override: Option<PathBuf>) -> anyhow::Res
     Ok(())
 }
 
+/// The API token of a zero-config start: read from, or created in, `admin-token` beside the
+/// database (mode 0600), so it survives restarts.
+fn admin_token_file(store_url: &str) -> anyhow::Result<String> {
+    let database = store::sqlite_path(store_url).context("locating the data directory")?;
+    let path = database
+        .parent()
+        .map_or_else(|| PathBuf::from("admin-token"), |dir| dir.join("admin-token"));
+    if let Ok(token) = std::fs::read_to_string(&path) {
+        let token = token.trim().to_owned();
+        if token.len() >= 16 {
+            let shown = std::fs::canonicalize(&path).unwrap_or(path);
+            info!(path = %shown.display(), "API token read (Authorization: Bearer <token>).");
+            return Ok(token);
+        }
+    }
+    let token = format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(&path)
+        .with_context(|| format!("cannot write the API token to {}", path.display()))?;
+    std::io::Write::write_all(&mut file, token.as_bytes())
+        .with_context(|| format!("cannot write the API token to {}", path.display()))?;
+    let shown = std::fs::canonicalize(&path).unwrap_or(path);
+    info!(path = %shown.display(), "API token created (Authorization: Bearer <token>).");
+    Ok(token)
+}
+
+/// A URL without its password, for logs.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => format!("{}://…@{}", &url[..scheme], &url[at + 1..]),
+        _ => url.to_owned(),
+    }
+}
+
 /// Serves signals until SIGTERM or SIGINT; SIGHUP reloads the rules.
-async fn wait_for_shutdown(rules: &Arc<ArcSwap<RuleSet>>, dir: &std::path::Path, bus: &AmqpBus) {
+async fn wait_for_shutdown(rules: &Arc<ArcSwap<RuleSet>>, dir: &std::path::Path, bus: &Bus) {
     let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
@@ -159,7 +224,7 @@ async fn wait_for_shutdown(rules: &Arc<ArcSwap<RuleSet>>, dir: &std::path::Path,
 }
 
 /// Loads and validates the whole rule set; swaps it in only if valid.
-pub async fn reload(rules: &Arc<ArcSwap<RuleSet>>, dir: &std::path::Path, bus: &AmqpBus) {
+pub async fn reload(rules: &Arc<ArcSwap<RuleSet>>, dir: &std::path::Path, bus: &Bus) {
     match RuleSet::load_dir(dir) {
         Ok(next) => {
             if let Err(error) = bus.declare_agent_queues(&next.queue_names()).await {

@@ -40,6 +40,14 @@ const PUBLISH_BATCH: usize = 256;
 pub struct AmqpBus {
     shared: Arc<Shared>,
     publish_tx: mpsc::Sender<PublishRequest>,
+    leases: Arc<Mutex<HashMap<String, Lease>>>,
+}
+
+/// An assignment taken through the HTTP claim API: its delivery stays unacknowledged on its own
+/// channel until acked, or until the lease expires and the channel closes (RabbitMQ requeues it).
+struct Lease {
+    channel: Channel,
+    delivery_tag: u64,
 }
 
 struct Shared {
@@ -79,7 +87,88 @@ impl AmqpBus {
         let (publish_tx, publish_rx) = mpsc::channel(PUBLISH_QUEUE);
         tracker.spawn(supervise(shared.clone(), connection_tx, cancel.clone()));
         tracker.spawn(run_publisher(shared.clone(), publish_rx, cancel));
-        Self { shared, publish_tx }
+        Self {
+            shared,
+            publish_tx,
+            leases: Arc::default(),
+        }
+    }
+
+    /// Takes the next assignment of agent queue `queue` (highest priority first), waiting up to
+    /// `wait`; it stays leased for `lease`, then returns to the queue unless acknowledged.
+    pub async fn claim(
+        &self,
+        queue: &str,
+        wait: Duration,
+        lease: Duration,
+        cancel: &CancellationToken,
+    ) -> Result<Option<super::Claimed>, BusError> {
+        let connection = self.shared.current().ok_or(BusError::Disconnected)?;
+        let channel = connection.create_channel().await?;
+        channel.basic_qos(1, BasicQosOptions::default()).await?;
+        let lease_id = uuid::Uuid::new_v4().to_string();
+        let mut consumer = channel
+            .basic_consume(
+                self.shared.topology.agent_queue(queue).as_str().into(),
+                lease_id.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let delivery = tokio::select! {
+            () = cancel.cancelled() => None,
+            () = tokio::time::sleep(wait) => None,
+            delivery = consumer.next() => delivery,
+        };
+        let _ = channel
+            .basic_cancel(lease_id.as_str().into(), Default::default())
+            .await;
+        let delivery = match delivery {
+            Some(delivery) => delivery?,
+            None => {
+                let _ = channel.close(200, "nothing to claim".into()).await;
+                return Ok(None);
+            }
+        };
+        let claimed = super::Claimed {
+            assignment_id: lease_id.clone(),
+            priority: delivery.properties.priority().unwrap_or(0),
+            redelivered: delivery.redelivered,
+            lease_expires_ms: super::embedded::now_ms()
+                .saturating_add(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX)),
+            body: String::from_utf8_lossy(&delivery.data).into_owned(),
+        };
+        lock(&self.leases).insert(
+            lease_id.clone(),
+            Lease {
+                channel,
+                delivery_tag: delivery.delivery_tag,
+            },
+        );
+        let leases = self.leases.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(lease).await;
+            let expired = lock(&leases).remove(&lease_id);
+            if let Some(expired) = expired {
+                debug!(assignment_id = %lease_id, "Claim lease expired; the assignment returns to its queue.");
+                let _ = expired.channel.close(200, "lease expired".into()).await;
+            }
+        });
+        Ok(Some(claimed))
+    }
+
+    /// Acknowledges a claimed assignment; `Ok(false)` if unknown or expired.
+    pub async fn ack(&self, assignment_id: &str) -> Result<bool, BusError> {
+        let lease = lock(&self.leases).remove(assignment_id);
+        let Some(lease) = lease else {
+            return Ok(false);
+        };
+        lease
+            .channel
+            .basic_ack(lease.delivery_tag, BasicAckOptions::default())
+            .await?;
+        let _ = lease.channel.close(200, "acknowledged".into()).await;
+        Ok(true)
     }
 
     pub fn topology(&self) -> &Topology {
@@ -606,7 +695,7 @@ impl RouterLink for AmqpRouterLink {
         Ok(batch)
     }
 
-    fn ready_batch(&mut self, max: usize) -> Result<Vec<Delivery>, BusError> {
+    async fn ready_batch(&mut self, max: usize) -> Result<Vec<Delivery>, BusError> {
         match self.session.as_mut() {
             Some(session) => session.ready(max),
             None => Ok(Vec::new()),
@@ -685,12 +774,5 @@ impl RouterLink for AmqpRouterLink {
             let _ = session.channel.close(200, "router reset".into()).await;
         }
         Ok(())
-    }
-}
-
-#[async_trait]
-impl switchboard_channel::Publisher for AmqpBus {
-    async fn publish(&self, message: &NormalizedMessage) -> Result<(), PublishError> {
-        self.publish_inbound(message).await
     }
 }

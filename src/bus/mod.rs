@@ -3,6 +3,7 @@
 //! step that a crash cannot split).
 
 pub mod amqp;
+pub mod embedded;
 
 use async_trait::async_trait;
 
@@ -56,6 +57,8 @@ pub enum BusError {
     Amqp(#[from] lapin::Error),
     #[error("the bus is shutting down")]
     Closed,
+    #[error("embedded bus store error: {0}")]
+    Store(String),
 }
 
 /// One message taken from the router queue.
@@ -97,8 +100,8 @@ pub trait RouterLink: Send {
     /// Waits for at least one delivery, then takes whatever else is ready, up to `max`.
     async fn next_batch(&mut self, max: usize) -> Result<Vec<Delivery>, BusError>;
 
-    /// Takes only deliveries already at hand, up to `max`; empty if none.
-    fn ready_batch(&mut self, max: usize) -> Result<Vec<Delivery>, BusError>;
+    /// Takes only deliveries ready now, up to `max`, without waiting; empty if none.
+    async fn ready_batch(&mut self, max: usize) -> Result<Vec<Delivery>, BusError>;
 
     /// Publishes every assignment, dead-letters, and acknowledges every delivery of the batch,
     /// as one step: after a crash either all of it happened or the deliveries come back. The
@@ -108,4 +111,122 @@ pub trait RouterLink: Send {
     /// Drops the current session after an error (its deliveries return to the queue) and
     /// waits for a new one.
     async fn reset(&mut self) -> Result<(), BusError>;
+}
+
+#[async_trait]
+impl RouterLink for Box<dyn RouterLink> {
+    async fn next_batch(&mut self, max: usize) -> Result<Vec<Delivery>, BusError> {
+        (**self).next_batch(max).await
+    }
+    async fn ready_batch(&mut self, max: usize) -> Result<Vec<Delivery>, BusError> {
+        (**self).ready_batch(max).await
+    }
+    async fn commit(&mut self, outcomes: Vec<(u64, Outcome)>) -> Result<PendingCommit, BusError> {
+        (**self).commit(outcomes).await
+    }
+    async fn reset(&mut self) -> Result<(), BusError> {
+        (**self).reset().await
+    }
+}
+
+/// An assignment taken through the claim API.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    /// Pass to the ack endpoint; valid until the lease expires.
+    pub assignment_id: String,
+    pub priority: u8,
+    pub redelivered: bool,
+    pub lease_expires_ms: i64,
+    /// The assignment CloudEvent JSON.
+    pub body: String,
+}
+
+/// The bus the daemon runs on: RabbitMQ, or the embedded bus in the store (single-node mode).
+#[derive(Clone)]
+pub enum Bus {
+    Amqp(amqp::AmqpBus),
+    Embedded(embedded::EmbeddedBus),
+}
+
+impl Bus {
+    pub fn mode(&self) -> &'static str {
+        match self {
+            Bus::Amqp(_) => "rabbitmq",
+            Bus::Embedded(_) => "embedded",
+        }
+    }
+
+    pub fn topology(&self) -> &Topology {
+        match self {
+            Bus::Amqp(bus) => bus.topology(),
+            Bus::Embedded(bus) => bus.topology(),
+        }
+    }
+
+    /// Whether the bus can take messages now.
+    pub async fn is_ready(&self) -> bool {
+        match self {
+            Bus::Amqp(bus) => bus.is_connected(),
+            Bus::Embedded(bus) => bus.is_ready().await,
+        }
+    }
+
+    /// Makes sure agent queues exist (AMQP declares them; the embedded bus needs nothing).
+    pub async fn declare_agent_queues(&self, names: &[String]) -> Result<(), BusError> {
+        match self {
+            Bus::Amqp(bus) => bus.declare_agent_queues(names).await,
+            Bus::Embedded(_) => Ok(()),
+        }
+    }
+
+    /// Takes the next assignment of an agent queue (see [`Claimed`]).
+    pub async fn claim(
+        &self,
+        queue: &str,
+        wait: std::time::Duration,
+        lease: std::time::Duration,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> Result<Option<Claimed>, BusError> {
+        match self {
+            Bus::Amqp(bus) => bus.claim(queue, wait, lease, cancel).await,
+            Bus::Embedded(bus) => Ok(bus
+                .claim(queue, wait, lease, cancel)
+                .await?
+                .map(|leased| Claimed {
+                    assignment_id: leased.lease_id,
+                    priority: leased.priority,
+                    redelivered: leased.previous_attempts > 0,
+                    lease_expires_ms: leased.lease_expires_ms,
+                    body: leased.body,
+                })),
+        }
+    }
+
+    /// Acknowledges a claimed assignment; `Ok(false)` if unknown or its lease expired.
+    pub async fn ack(&self, assignment_id: &str) -> Result<bool, BusError> {
+        match self {
+            Bus::Amqp(bus) => bus.ack(assignment_id).await,
+            Bus::Embedded(bus) => bus.ack(assignment_id).await,
+        }
+    }
+
+    pub fn router_link(&self) -> Box<dyn RouterLink> {
+        match self {
+            Bus::Amqp(bus) => Box::new(bus.router_link()),
+            Bus::Embedded(bus) => Box::new(bus.router_link()),
+        }
+    }
+}
+
+#[async_trait]
+impl switchboard_channel::Publisher for Bus {
+    async fn publish(
+        &self,
+        message: &switchboard_channel::NormalizedMessage,
+    ) -> Result<(), switchboard_channel::PublishError> {
+        match self {
+            Bus::Amqp(bus) => bus.publish_inbound(message).await,
+            Bus::Embedded(bus) => bus.publish_inbound(message).await,
+        }
+    }
 }

@@ -161,6 +161,18 @@ pub fn load_text(
     let mut problems = Vec::new();
 
     apply_env(&mut document, env, &mut locations, &mut problems);
+    // Under systemd (StateDirectory=), the default database lives in the state directory.
+    if let Some(state) = env.get("STATE_DIRECTORY").filter(|s| !s.is_empty())
+        && document.get("store").and_then(|s| s.get("url")).is_none()
+    {
+        let dir = state.split(':').next().unwrap_or(state);
+        let url = format!("sqlite://{}/switchboard.db", dir.trim_end_matches('/'));
+        let _ = set_path(
+            document.as_table_mut(),
+            &["store".to_owned(), "url".to_owned()],
+            Value::from(url),
+        );
+    }
     interpolate_table(document.as_table_mut(), "", env, &locations, &mut problems);
 
     let mut unknown = Vec::new();

@@ -201,7 +201,12 @@ impl Config {
                 "must be at least 1".to_owned(),
             ));
         }
-        if !(self.store.url.starts_with("sqlite:") || self.store.url.starts_with("postgres")) {
+        if self.bus.url.is_none() && !self.store.url.starts_with("sqlite:") {
+            problems.push((
+                "store.url".to_owned(),
+                "must be sqlite://PATH when [bus] url is not set: the embedded bus lives in SQLite".to_owned(),
+            ));
+        } else if !(self.store.url.starts_with("sqlite:") || self.store.url.starts_with("postgres")) {
             problems.push((
                 "store.url".to_owned(),
                 "must be sqlite://PATH or postgres://…".to_owned(),

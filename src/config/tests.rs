@@ -246,3 +246,17 @@ fn shipped_example_config_loads() {
     assert!(loaded.config.bus.url.is_some());
     assert!(!loaded.config.channels.is_empty());
 }
+
+#[test]
+fn state_directory_holds_the_default_database() {
+    let loaded = load_text(None, "", &env(&[("STATE_DIRECTORY", "/var/lib/switchboard")])).unwrap();
+    assert_eq!(loaded.config.store.url, "sqlite:///var/lib/switchboard/switchboard.db");
+    let loaded = load_str("[store]\nurl = \"sqlite://x.db\"\n", &[("STATE_DIRECTORY", "/var/lib/sb")]).unwrap();
+    assert_eq!(loaded.config.store.url, "sqlite://x.db", "an explicit url wins");
+}
+
+#[test]
+fn embedded_bus_needs_sqlite() {
+    let errors = problems("[store]\nurl = \"postgres://localhost/x\"\n", &[]);
+    assert!(errors[0].contains("must be sqlite://PATH when [bus] url is not set"), "{errors:?}");
+}

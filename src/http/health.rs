@@ -17,7 +17,7 @@ pub async fn healthz() -> Response {
 
 /// Ready: the bus is connected and the store answers.
 pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
-    let bus = state.bus.is_connected();
+    let bus = state.bus.is_ready().await;
     let store = state.store.ping().await;
     let body = json!({
         "bus": if bus { "ok".to_owned() } else { "not connected".to_owned() },

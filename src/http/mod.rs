@@ -1,19 +1,23 @@
 //! The HTTP server: webhooks (`/webhooks/{channel_id}`), health (`/healthz`, `/readyz`),
 //! Prometheus metrics (`/metrics`) and the admin/agent API (`/api/v1`).
 
+mod api;
 mod health;
 mod webhook;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use axum::Router;
-use axum::routing::get;
+use axum::routing::{get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
 use switchboard_channel::ChannelContext;
+use tokio_util::sync::CancellationToken;
 
-use crate::bus::amqp::AmqpBus;
+use crate::bus::Bus;
 use crate::channels::ChannelAdapter;
+use crate::router::rules::RuleSet;
 use crate::store::Store;
 
 /// A configured channel, ready to take webhooks.
@@ -26,13 +30,26 @@ pub struct ChannelEntry {
 /// What every handler shares.
 pub struct AppState {
     pub channels: HashMap<String, ChannelEntry>,
-    pub bus: AmqpBus,
+    pub bus: Bus,
     pub store: Arc<dyn Store>,
+    pub rules: Arc<ArcSwap<RuleSet>>,
+    pub admin_token: Option<String>,
     pub metrics: Option<PrometheusHandle>,
+    /// Cancelled at shutdown: long polls answer at once.
+    pub shutdown: CancellationToken,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
+    let api = Router::new()
+        .route("/queues/{name}/claim", post(api::claim))
+        .route("/assignments/{id}/ack", post(api::ack))
+        .route("/rules", get(api::rules))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            api::require_token,
+        ));
     Router::new()
+        .nest("/api/v1", api)
         .route(
             "/webhooks/{channel_id}",
             get(webhook::handle).post(webhook::handle),

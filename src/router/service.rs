@@ -175,7 +175,9 @@ impl Router {
         let next = if cancel.is_cancelled() {
             Vec::new()
         } else {
-            link.ready_batch(MAX_BATCH).map_err(|e| e.to_string())?
+            link.ready_batch(MAX_BATCH)
+                .await
+                .map_err(|e| e.to_string())?
         };
         let (committed, next) = if next.is_empty() {
             (pending.await, None)

@@ -29,6 +29,8 @@ pub enum StoreError {
     Corrupt(#[from] serde_json::Error),
     #[error("unsupported store URL `{0}`: use sqlite://PATH")]
     Unsupported(String),
+    #[error("cannot open the store at {url}: {message}")]
+    DataDir { url: String, message: String },
 }
 
 /// A decision already recorded for a message key.
@@ -111,6 +113,19 @@ pub async fn open(url: &str) -> Result<std::sync::Arc<dyn Store>, StoreError> {
     } else {
         Err(StoreError::Unsupported(url.to_owned()))
     }
+}
+
+/// The file of an `sqlite:` URL (`sqlite://data/x.db`, `sqlite:///abs/x.db`, `sqlite:x.db`).
+pub fn sqlite_path(url: &str) -> Result<std::path::PathBuf, StoreError> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .ok_or_else(|| StoreError::Unsupported(url.to_owned()))?;
+    let path = rest.split('?').next().unwrap_or_default();
+    if path.is_empty() || path == ":memory:" {
+        return Err(StoreError::Unsupported(url.to_owned()));
+    }
+    Ok(std::path::PathBuf::from(path))
 }
 
 /// Attributes the message carries (`metadata.attributes`) merged over the stored ones.

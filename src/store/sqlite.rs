@@ -2,6 +2,7 @@
 //! committed transaction when the process crashes (the WAL is written before commit returns);
 //! only an OS crash or power loss can drop the last commits.
 
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -25,15 +26,40 @@ const DAY_MS: i64 = 24 * 60 * 60 * 1000;
 
 pub struct SqliteStore {
     pool: SqlitePool,
+    path: PathBuf,
 }
 
 impl SqliteStore {
-    /// Opens (creating if missing) the database and applies migrations.
+    /// Opens (creating if missing) the database and applies migrations. The directory must
+    /// exist and be writable.
     pub async fn open(url: &str) -> Result<Self, StoreError> {
         let open_error = |source| StoreError::Open {
             url: url.to_owned(),
             source,
         };
+        let path = super::sqlite_path(url)?;
+        let dir = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let data_dir_problem = if !dir.is_dir() {
+            Some("does not exist: create it, or point [store] url elsewhere".to_owned())
+        } else {
+            let probe = dir.join(format!(".switchboard-write-test-{}", std::process::id()));
+            match std::fs::write(&probe, b"") {
+                Ok(()) => {
+                    let _ = std::fs::remove_file(&probe);
+                    None
+                }
+                Err(error) => Some(format!("is not writable ({error})")),
+            }
+        };
+        if let Some(problem) = data_dir_problem {
+            return Err(StoreError::DataDir {
+                url: url.to_owned(),
+                message: format!("the data directory {} {problem}", dir.display()),
+            });
+        }
         let options = SqliteConnectOptions::from_str(url)
             .map_err(open_error)?
             .create_if_missing(true)
@@ -49,11 +75,17 @@ impl SqliteStore {
         sqlx::migrate!("src/store/migrations/sqlite")
             .run(&pool)
             .await?;
-        Ok(Self { pool })
+        let path = std::fs::canonicalize(&path).unwrap_or(path);
+        Ok(Self { pool, path })
     }
 
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
     }
 }
 

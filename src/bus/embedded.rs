@@ -1,0 +1,540 @@
+//! The embedded bus for single-node mode: every queue lives in the store's SQLite file
+//! (`bus_messages`), with the AMQP bus's semantics:
+//! - publish is durable: the insert is committed before the publisher is told "confirmed"
+//!   (concurrent publishes are grouped into one commit by a publisher task);
+//! - consumption is at-least-once: taking a message leases it until acknowledged (deleted), and
+//!   an expired lease makes it ready again; a restart releases the router's leases at once;
+//! - higher priority first, FIFO within a priority;
+//! - after `delivery_limit` deliveries a message moves to `<p>.dead` with the reason;
+//! - the router's commit (publish assignments + dead letters + acknowledge inputs) is one
+//!   SQLite transaction, so a crash cannot split it;
+//! - consumers wait on an in-process notification, woken by the commit that made work ready,
+//!   or at the moment the next lease expires; no polling.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::{Value, json};
+use sqlx::{Row, SqlitePool};
+use switchboard_channel::{CloudEvent, NormalizedMessage, PublishError};
+use time::OffsetDateTime;
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use super::{
+    Assignment, BusError, Delivery, Outcome, PendingCommit, REASON_HEADER, RouterLink, Topology,
+};
+use crate::config::BusConfig;
+
+/// How long the router holds a message it took before it is handed out again (only reached if
+/// the router stalls; a crash releases the leases at the next start).
+const ROUTER_LEASE: Duration = Duration::from_secs(30);
+/// Publishes grouped into one commit at most.
+const PUBLISH_BATCH: usize = 512;
+
+pub fn now_ms() -> i64 {
+    i64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+}
+
+/// A message taken from a queue, leased to the taker.
+#[derive(Debug, Clone)]
+pub struct Leased {
+    pub id: i64,
+    pub lease_id: String,
+    pub priority: u8,
+    pub body: String,
+    /// Deliveries before this one.
+    pub previous_attempts: i64,
+    pub lease_expires_ms: i64,
+}
+
+#[derive(Clone)]
+pub struct EmbeddedBus {
+    shared: Arc<Shared>,
+    publish_tx: mpsc::Sender<PublishRequest>,
+}
+
+struct Shared {
+    pool: SqlitePool,
+    topology: Topology,
+    config: BusConfig,
+    wakers: Mutex<HashMap<String, Arc<Notify>>>,
+}
+
+struct PublishRequest {
+    body: String,
+    reply: oneshot::Sender<Result<(), PublishError>>,
+}
+
+impl EmbeddedBus {
+    /// Starts the embedded bus on the store's pool. Leases held by a previous process on the
+    /// router queue are released (one process owns the file in single-node mode).
+    pub async fn start(
+        pool: SqlitePool,
+        config: &BusConfig,
+        tracker: &TaskTracker,
+        cancel: CancellationToken,
+    ) -> Result<Self, BusError> {
+        let shared = Arc::new(Shared {
+            pool,
+            topology: Topology::new(&config.prefix),
+            config: config.clone(),
+            wakers: Mutex::new(HashMap::new()),
+        });
+        let released = sqlx::query(
+            "UPDATE bus_messages SET visible_at = ?, lease_id = NULL
+             WHERE queue = ? AND lease_id IS NOT NULL",
+        )
+        .bind(now_ms())
+        .bind(shared.topology.router())
+        .execute(&shared.pool)
+        .await
+        .map_err(store_error)?
+        .rows_affected();
+        if released > 0 {
+            info!(released, "Released router leases left by the previous process.");
+        }
+        let (publish_tx, publish_rx) = mpsc::channel(PUBLISH_BATCH * 4);
+        tracker.spawn(run_publisher(shared.clone(), publish_rx, cancel));
+        Ok(Self { shared, publish_tx })
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.shared.topology
+    }
+
+    pub async fn is_ready(&self) -> bool {
+        sqlx::query("SELECT 1").execute(&self.shared.pool).await.is_ok()
+    }
+
+    /// Publishes a normalized message to the router queue; returns once committed.
+    pub async fn publish_inbound(&self, message: &NormalizedMessage) -> Result<(), PublishError> {
+        let event = CloudEvent::message_received(message.clone());
+        let body = serde_json::to_string(&event).map_err(|error| {
+            PublishError::Rejected(format!("cannot encode the message: {error}"))
+        })?;
+        let (reply, response) = oneshot::channel();
+        let timeout = self.shared.config.confirm_timeout;
+        let result = tokio::time::timeout(timeout, async {
+            self.publish_tx
+                .send(PublishRequest { body, reply })
+                .await
+                .map_err(|_| PublishError::Unavailable("the bus is shutting down".into()))?;
+            response
+                .await
+                .map_err(|_| PublishError::Unavailable("the publisher stopped".into()))?
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(PublishError::Unavailable(format!(
+                "the store did not commit within {}",
+                humantime::format_duration(timeout)
+            )))
+        });
+        if result.is_err() {
+            metrics::counter!("switchboard_publish_failures_total", "stage" => "inbound")
+                .increment(1);
+        }
+        result
+    }
+
+    pub fn router_link(&self) -> EmbeddedRouterLink {
+        EmbeddedRouterLink {
+            shared: self.shared.clone(),
+            lease_id: uuid::Uuid::new_v4().to_string(),
+            held: HashMap::new(),
+        }
+    }
+
+    /// Takes the highest-priority message of agent queue `queue`, waiting up to `wait` for one,
+    /// leased for `lease`.
+    pub async fn claim(
+        &self,
+        queue: &str,
+        wait: Duration,
+        lease: Duration,
+        cancel: &CancellationToken,
+    ) -> Result<Option<Leased>, BusError> {
+        let name = self.shared.topology.agent_queue(queue);
+        let deadline = tokio::time::Instant::now() + wait;
+        let lease_id = uuid::Uuid::new_v4().to_string();
+        let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+        loop {
+            let waker = self.shared.waker(&name);
+            let notified = waker.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let mut taken = self.shared.take(&name, &lease_id, lease_ms, 1).await?;
+            if let Some(leased) = taken.pop() {
+                return Ok(Some(leased));
+            }
+            let wake_at = self.shared.next_visible(&name).await?;
+            let sleep_until = match wake_at {
+                Some(at) => deadline.min(instant_at(at)),
+                None => deadline,
+            };
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(None);
+            }
+            tokio::select! {
+                () = cancel.cancelled() => return Ok(None),
+                () = &mut notified => {}
+                () = tokio::time::sleep_until(sleep_until) => {}
+            }
+        }
+    }
+
+    /// Acknowledges a claimed assignment. `Ok(false)` if the lease is unknown or expired.
+    pub async fn ack(&self, lease_id: &str) -> Result<bool, BusError> {
+        let deleted = sqlx::query("DELETE FROM bus_messages WHERE lease_id = ? AND visible_at > ?")
+            .bind(lease_id)
+            .bind(now_ms())
+            .execute(&self.shared.pool)
+            .await
+            .map_err(store_error)?
+            .rows_affected();
+        Ok(deleted == 1)
+    }
+
+    /// Messages waiting (ready or leased) in agent queue `queue`.
+    pub async fn depth(&self, queue: &str) -> Result<u64, BusError> {
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM bus_messages WHERE queue = ?")
+            .bind(self.shared.topology.agent_queue(queue))
+            .fetch_one(&self.shared.pool)
+            .await
+            .map_err(store_error)?;
+        Ok(u64::try_from(count).unwrap_or_default())
+    }
+}
+
+fn store_error(error: sqlx::Error) -> BusError {
+    BusError::Store(error.to_string())
+}
+
+/// The tokio instant at Unix millisecond `at`.
+fn instant_at(at: i64) -> tokio::time::Instant {
+    let delta = at.saturating_sub(now_ms()).max(0);
+    tokio::time::Instant::now() + Duration::from_millis(u64::try_from(delta).unwrap_or(0))
+}
+
+impl Shared {
+    fn waker(&self, queue: &str) -> Arc<Notify> {
+        self.wakers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .entry(queue.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    fn wake(&self, queue: &str) {
+        self.waker(queue).notify_waiters();
+    }
+
+    /// Leases up to `max` ready messages of `queue`, highest priority first; messages past the
+    /// delivery limit move to the dead queue instead.
+    async fn take(
+        &self,
+        queue: &str,
+        lease_id: &str,
+        lease_ms: i64,
+        max: usize,
+    ) -> Result<Vec<Leased>, BusError> {
+        let now = now_ms();
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(store_error)?;
+        let rows = sqlx::query(
+            "UPDATE bus_messages SET lease_id = ?1, visible_at = ?2, attempts = attempts + 1
+             WHERE id IN (SELECT id FROM bus_messages WHERE queue = ?3 AND visible_at <= ?4
+                          ORDER BY priority DESC, id LIMIT ?5)
+             RETURNING id, priority, body, attempts",
+        )
+        .bind(lease_id)
+        .bind(now.saturating_add(lease_ms))
+        .bind(queue)
+        .bind(now)
+        .bind(i64::try_from(max).unwrap_or(i64::MAX))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(store_error)?;
+        let limit = i64::from(self.config.delivery_limit);
+        let mut taken = Vec::with_capacity(rows.len());
+        let mut poisoned = Vec::new();
+        for row in rows {
+            let attempts: i64 = row.get("attempts");
+            let id: i64 = row.get("id");
+            if attempts > limit {
+                poisoned.push(id);
+                continue;
+            }
+            taken.push(Leased {
+                id,
+                lease_id: lease_id.to_owned(),
+                priority: u8::try_from(row.get::<i64, _>("priority")).unwrap_or(0),
+                body: row.get("body"),
+                previous_attempts: attempts - 1,
+                lease_expires_ms: now.saturating_add(lease_ms),
+            });
+        }
+        if !poisoned.is_empty() {
+            let reason = format!("delivered {limit} times without being acknowledged");
+            let headers = json!({ REASON_HEADER: reason, "x-switchboard-queue": queue }).to_string();
+            sqlx::query(
+                "UPDATE bus_messages SET queue = ?1, headers = ?2, lease_id = NULL, visible_at = ?3, attempts = 0
+                 WHERE id IN (SELECT value FROM json_each(?4))",
+            )
+            .bind(self.topology.dead())
+            .bind(headers)
+            .bind(now)
+            .bind(serde_json::to_string(&poisoned).unwrap_or_default())
+            .execute(&mut *tx)
+            .await
+            .map_err(store_error)?;
+            warn!(count = poisoned.len(), %queue, "Messages past the delivery limit moved to the dead queue.");
+            metrics::counter!("switchboard_dead_letters_total")
+                .increment(u64::try_from(poisoned.len()).unwrap_or_default());
+        }
+        tx.commit().await.map_err(store_error)?;
+        taken.sort_by_key(|l| (std::cmp::Reverse(l.priority), l.id));
+        Ok(taken)
+    }
+
+    /// When the next leased message of `queue` becomes ready again, if any.
+    async fn next_visible(&self, queue: &str) -> Result<Option<i64>, BusError> {
+        sqlx::query_scalar("SELECT min(visible_at) FROM bus_messages WHERE queue = ? AND visible_at > ?")
+            .bind(queue)
+            .bind(now_ms())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(store_error)
+    }
+}
+
+/// Groups concurrent publishes into one commit each.
+async fn run_publisher(
+    shared: Arc<Shared>,
+    mut requests: mpsc::Receiver<PublishRequest>,
+    cancel: CancellationToken,
+) {
+    let router = shared.topology.router();
+    loop {
+        let first = tokio::select! {
+            () = cancel.cancelled() => break,
+            request = requests.recv() => match request {
+                Some(request) => request,
+                None => break,
+            },
+        };
+        let mut batch = vec![first];
+        while batch.len() < PUBLISH_BATCH {
+            match requests.try_recv() {
+                Ok(request) => batch.push(request),
+                Err(_) => break,
+            }
+        }
+        batch.retain(|r| !r.reply.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
+        let bodies: Vec<&str> = batch.iter().map(|r| r.body.as_str()).collect();
+        let now = now_ms();
+        let result = sqlx::query(
+            "INSERT INTO bus_messages (queue, priority, body, visible_at, created_at)
+             SELECT ?1, 0, value, ?2, ?2 FROM json_each(?3)",
+        )
+        .bind(&router)
+        .bind(now)
+        .bind(serde_json::to_string(&bodies).unwrap_or_default())
+        .execute(&shared.pool)
+        .await;
+        let reply = match result {
+            Ok(_) => {
+                shared.wake(&router);
+                Ok(())
+            }
+            Err(error) => {
+                warn!(%error, "Embedded bus could not store published messages.");
+                Err(PublishError::Unavailable(format!("the store failed: {error}")))
+            }
+        };
+        for request in batch {
+            let _ = request.reply.send(reply.clone());
+        }
+    }
+    while let Ok(request) = requests.try_recv() {
+        let _ = request
+            .reply
+            .send(Err(PublishError::Unavailable("the bus is shutting down".into())));
+    }
+}
+
+/// The router's link to the embedded router queue.
+pub struct EmbeddedRouterLink {
+    shared: Arc<Shared>,
+    lease_id: String,
+    /// Messages taken and not yet committed: id → body.
+    held: HashMap<u64, String>,
+}
+
+impl EmbeddedRouterLink {
+    async fn take(&mut self, max: usize) -> Result<Vec<Delivery>, BusError> {
+        let lease_ms = i64::try_from(ROUTER_LEASE.as_millis()).unwrap_or(i64::MAX);
+        let router = self.shared.topology.router();
+        let taken = self.shared.take(&router, &self.lease_id, lease_ms, max).await?;
+        Ok(taken
+            .into_iter()
+            .map(|leased| {
+                let tag = u64::try_from(leased.id).unwrap_or_default();
+                self.held.insert(tag, leased.body.clone());
+                Delivery {
+                    tag,
+                    body: leased.body.into_bytes(),
+                    redelivered: leased.previous_attempts > 0,
+                }
+            })
+            .collect())
+    }
+}
+
+#[async_trait]
+impl RouterLink for EmbeddedRouterLink {
+    async fn next_batch(&mut self, max: usize) -> Result<Vec<Delivery>, BusError> {
+        let router = self.shared.topology.router();
+        loop {
+            let waker = self.shared.waker(&router);
+            let notified = waker.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let batch = self.take(max).await?;
+            if !batch.is_empty() {
+                return Ok(batch);
+            }
+            match self.shared.next_visible(&router).await? {
+                Some(at) => {
+                    tokio::select! {
+                        () = &mut notified => {}
+                        () = tokio::time::sleep_until(instant_at(at)) => {}
+                    }
+                }
+                None => notified.await,
+            }
+        }
+    }
+
+    async fn ready_batch(&mut self, max: usize) -> Result<Vec<Delivery>, BusError> {
+        self.take(max).await
+    }
+
+    async fn commit(&mut self, outcomes: Vec<(u64, Outcome)>) -> Result<PendingCommit, BusError> {
+        let topology = &self.shared.topology;
+        let now = now_ms();
+        let mut assignments = Vec::new();
+        let mut dead = Vec::new();
+        let mut ids = Vec::with_capacity(outcomes.len());
+        let mut queues = Vec::new();
+        for (tag, outcome) in &outcomes {
+            ids.push(*tag);
+            match outcome {
+                Outcome::Assign(Assignment {
+                    queue,
+                    priority,
+                    body,
+                    ..
+                }) => {
+                    let name = topology.agent_queue(queue);
+                    if !queues.contains(&name) {
+                        queues.push(name.clone());
+                    }
+                    assignments.push(json!({"queue": name, "priority": priority, "body": body}));
+                }
+                Outcome::Dead(reason) => {
+                    let body = self.held.get(tag).cloned().unwrap_or_default();
+                    let headers = json!({ REASON_HEADER: reason, "x-switchboard-queue": topology.router() });
+                    dead.push(json!({"body": body, "headers": headers.to_string()}));
+                }
+                Outcome::Ack => {}
+            }
+        }
+        let mut tx = self
+            .shared
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(store_error)?;
+        // Acknowledge first: if any lease was lost (expired and taken again), nothing happens.
+        let acked = sqlx::query(
+            "DELETE FROM bus_messages WHERE lease_id = ?1 AND id IN (SELECT value FROM json_each(?2))",
+        )
+        .bind(&self.lease_id)
+        .bind(serde_json::to_string(&ids).unwrap_or_default())
+        .execute(&mut *tx)
+        .await
+        .map_err(store_error)?
+        .rows_affected();
+        if acked != u64::try_from(ids.len()).unwrap_or(u64::MAX) {
+            // Dropping the transaction rolls it back.
+            return Err(BusError::Store(format!(
+                "{} of {} router leases were lost before the commit",
+                ids.len() as u64 - acked,
+                ids.len()
+            )));
+        }
+        if !assignments.is_empty() {
+            sqlx::query(
+                "INSERT INTO bus_messages (queue, priority, body, visible_at, created_at)
+                 SELECT value ->> 'queue', value ->> 'priority', value ->> 'body', ?1, ?1
+                 FROM json_each(?2)",
+            )
+            .bind(now)
+            .bind(Value::Array(assignments).to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(store_error)?;
+        }
+        if !dead.is_empty() {
+            sqlx::query(
+                "INSERT INTO bus_messages (queue, priority, body, headers, visible_at, created_at)
+                 SELECT ?1, 0, value ->> 'body', value ->> 'headers', ?2, ?2 FROM json_each(?3)",
+            )
+            .bind(topology.dead())
+            .bind(now)
+            .bind(Value::Array(dead).to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(store_error)?;
+        }
+        tx.commit().await.map_err(store_error)?;
+        for (tag, _) in &outcomes {
+            self.held.remove(tag);
+        }
+        for queue in &queues {
+            self.shared.wake(queue);
+        }
+        debug!(count = outcomes.len(), "Embedded router batch committed.");
+        Ok(Box::pin(std::future::ready(Ok(()))))
+    }
+
+    async fn reset(&mut self) -> Result<(), BusError> {
+        // Give back what this link held, so it is redelivered now rather than at lease expiry.
+        let released = sqlx::query("UPDATE bus_messages SET visible_at = ?, lease_id = NULL WHERE lease_id = ?")
+            .bind(now_ms())
+            .bind(&self.lease_id)
+            .execute(&self.shared.pool)
+            .await
+            .map_err(store_error)?
+            .rows_affected();
+        self.held.clear();
+        if released > 0 {
+            self.shared.wake(&self.shared.topology.router());
+        }
+        self.lease_id = uuid::Uuid::new_v4().to_string();
+        Ok(())
+    }
+}

@@ -1,0 +1,162 @@
+//! `/api/v1`: the agent and admin API (bearer token). Claiming lets agent desktops without AMQP
+//! (and single-node mode) take assignments: claim leases the highest-priority assignment of a
+//! queue; ack completes it; an expired lease returns it to the queue.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use subtle::ConstantTimeEq;
+use time::OffsetDateTime;
+
+use super::AppState;
+
+/// Longest long-poll a claim may ask for.
+const MAX_WAIT: Duration = Duration::from_secs(60);
+/// Lease when the claim does not say.
+const DEFAULT_LEASE: Duration = Duration::from_secs(60);
+/// Longest lease a claim may ask for.
+const MAX_LEASE: Duration = Duration::from_secs(3600);
+
+pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    (
+        status,
+        Json(json!({"error": {"code": code, "message": message.into()}})),
+    )
+        .into_response()
+}
+
+/// Requires `Authorization: Bearer <[http] admin_token>`.
+pub async fn require_token(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    let Some(expected) = state.admin_token.as_deref() else {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "api_disabled",
+            "the API needs a token: set [http] admin_token",
+        );
+    };
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(given) if bool::from(given.as_bytes().ct_eq(expected.as_bytes())) => next.run(request).await,
+        Some(_) => error(StatusCode::UNAUTHORIZED, "bad_token", "the bearer token is not valid"),
+        None => error(
+            StatusCode::UNAUTHORIZED,
+            "missing_token",
+            "send Authorization: Bearer <token>",
+        ),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimQuery {
+    /// Seconds to wait for an assignment (long poll); 0 answers at once.
+    #[serde(default)]
+    wait: Option<f64>,
+    /// Seconds the claim is leased for.
+    #[serde(default)]
+    lease: Option<f64>,
+}
+
+fn seconds(value: Option<f64>, default: Duration, max: Duration, name: &str) -> Result<Duration, Response> {
+    match value {
+        None => Ok(default),
+        Some(s) if s.is_finite() && s >= 0.0 && s <= max.as_secs_f64() => Ok(Duration::from_secs_f64(s)),
+        Some(_) => Err(error(
+            StatusCode::BAD_REQUEST,
+            "invalid_parameter",
+            format!("`{name}` must be between 0 and {} seconds", max.as_secs()),
+        )),
+    }
+}
+
+/// `POST /api/v1/queues/{name}/claim?wait=S&lease=S`
+pub async fn claim(
+    State(state): State<Arc<AppState>>,
+    Path(queue): Path<String>,
+    query: Result<Query<ClaimQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Ok(Query(query)) = query else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_parameter",
+            "claim takes `wait` and `lease`, in seconds",
+        );
+    };
+    if state.rules.load().queue(&queue).is_none() {
+        return error(
+            StatusCode::NOT_FOUND,
+            "unknown_queue",
+            format!("no queue `{queue}` in the routing rules"),
+        );
+    }
+    let wait = match seconds(query.wait, Duration::ZERO, MAX_WAIT, "wait") {
+        Ok(wait) => wait,
+        Err(response) => return response,
+    };
+    let lease = match seconds(query.lease, DEFAULT_LEASE, MAX_LEASE, "lease") {
+        Ok(lease) if !lease.is_zero() => lease,
+        Ok(_) => return error(StatusCode::BAD_REQUEST, "invalid_parameter", "`lease` must be above 0"),
+        Err(response) => return response,
+    };
+    match state.bus.claim(&queue, wait, lease, &state.shutdown).await {
+        Ok(Some(claimed)) => {
+            let assignment: Value = serde_json::from_str(&claimed.body).unwrap_or(Value::String(claimed.body));
+            let expires = OffsetDateTime::from_unix_timestamp_nanos(i128::from(claimed.lease_expires_ms) * 1_000_000)
+                .ok()
+                .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok());
+            Json(json!({
+                "assignment_id": claimed.assignment_id,
+                "queue": queue,
+                "priority": claimed.priority,
+                "redelivered": claimed.redelivered,
+                "lease_expires_at": expires,
+                "assignment": assignment,
+            }))
+            .into_response()
+        }
+        Ok(None) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "bus_unavailable", e.to_string()),
+    }
+}
+
+/// `POST /api/v1/assignments/{id}/ack`
+pub async fn ack(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
+    match state.bus.ack(&id).await {
+        Ok(true) => Json(json!({"assignment_id": id, "acked": true})).into_response(),
+        Ok(false) => error(
+            StatusCode::NOT_FOUND,
+            "unknown_assignment",
+            "no claimed assignment with this id: it was acknowledged already, or its lease expired and it went back to its queue",
+        ),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "bus_unavailable", e.to_string()),
+    }
+}
+
+/// `GET /api/v1/rules`: the active rule set.
+pub async fn rules(State(state): State<Arc<AppState>>) -> Response {
+    let rules = state.rules.load();
+    let loaded_at = rules
+        .loaded_at
+        .format(&time::format_description::well_known::Rfc3339)
+        .ok();
+    Json(json!({
+        "version": rules.version,
+        "loaded_at": loaded_at,
+        "source": rules.source.display().to_string(),
+        "queues": rules.queue_names(),
+        "rules": rules.rules.len(),
+        "tests": rules.tests.len(),
+    }))
+    .into_response()
+}
