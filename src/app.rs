@@ -68,9 +68,14 @@ pub async fn run(loaded: Loaded, rules_override: Option<PathBuf>) -> anyhow::Res
             let sqlite = SqliteStore::open(&config.store.url)
                 .await
                 .with_context(|| format!("opening the store {}", config.store.url))?;
-            let bus = EmbeddedBus::start(sqlite.pool().clone(), &config.bus, &bus_tasks, bus_cancel.clone())
-                .await
-                .context("starting the embedded bus")?;
+            let bus = EmbeddedBus::start(
+                sqlite.pool().clone(),
+                &config.bus,
+                &bus_tasks,
+                bus_cancel.clone(),
+            )
+            .await
+            .context("starting the embedded bus")?;
             info!(data = %sqlite.path().display(), "Mode: single node, embedded bus in the store (no broker).");
             let store: Arc<dyn Store> = Arc::new(sqlite);
             (store, Bus::Embedded(bus))
@@ -96,7 +101,11 @@ pub async fn run(loaded: Loaded, rules_override: Option<PathBuf>) -> anyhow::Res
             anyhow::anyhow!(
                 "channel `{}`: {}",
                 channel.id,
-                problems.iter().map(|(k, m)| format!("{k}: {m}")).collect::<Vec<_>>().join("; ")
+                problems
+                    .iter()
+                    .map(|(k, m)| format!("{k}: {m}"))
+                    .collect::<Vec<_>>()
+                    .join("; ")
             )
         })?;
         let context = ChannelContext::new(
@@ -154,7 +163,9 @@ pub async fn run(loaded: Loaded, rules_override: Option<PathBuf>) -> anyhow::Res
         .await
         .is_err()
     {
-        warn!("In-flight work did not finish before the deadline; unacknowledged messages will be redelivered.");
+        warn!(
+            "In-flight work did not finish before the deadline; unacknowledged messages will be redelivered."
+        );
     }
     bus_cancel.cancel();
     bus_tasks.close();
@@ -168,9 +179,10 @@ pub async fn run(loaded: Loaded, rules_override: Option<PathBuf>) -> anyhow::Res
 /// database (mode 0600), so it survives restarts.
 fn admin_token_file(store_url: &str) -> anyhow::Result<String> {
     let database = store::sqlite_path(store_url).context("locating the data directory")?;
-    let path = database
-        .parent()
-        .map_or_else(|| PathBuf::from("admin-token"), |dir| dir.join("admin-token"));
+    let path = database.parent().map_or_else(
+        || PathBuf::from("admin-token"),
+        |dir| dir.join("admin-token"),
+    );
     if let Ok(token) = std::fs::read_to_string(&path) {
         let token = token.trim().to_owned();
         if token.len() >= 16 {
@@ -179,7 +191,11 @@ fn admin_token_file(store_url: &str) -> anyhow::Result<String> {
             return Ok(token);
         }
     }
-    let token = format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
+    let token = format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    );
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
@@ -196,7 +212,9 @@ fn admin_token_file(store_url: &str) -> anyhow::Result<String> {
 /// A URL without its password, for logs.
 fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => format!("{}://…@{}", &url[..scheme], &url[at + 1..]),
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://…@{}", &url[..scheme], &url[at + 1..])
+        }
         _ => url.to_owned(),
     }
 }

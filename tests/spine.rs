@@ -1,4 +1,5 @@
-//! The spine end to end: webhook → RabbitMQ → router → agent queue, on the real broker.
+//! The spine end to end: webhook → bus → router → agent queue. The webhook→assignment
+//! scenarios run twice: on the real RabbitMQ, and on the embedded bus (single-node mode).
 
 mod common;
 
@@ -9,11 +10,34 @@ use serde_json::json;
 
 const QUEUES: &[&str] = &["general", "billing", "technical", "escalations"];
 
-#[tokio::test]
-async fn messages_land_once_in_the_rule_queue_with_priority_by_urgency() {
-    let rabbit = rabbit().await;
+/// Runs a scenario on both buses, as two tests.
+macro_rules! on_both_buses {
+    ($($scenario:ident),* $(,)?) => {$(
+        mod $scenario {
+            #[tokio::test]
+            async fn rabbitmq() {
+                super::$scenario(super::Backend::Amqp).await;
+            }
+            #[tokio::test]
+            async fn embedded() {
+                super::$scenario(super::Backend::Embedded).await;
+            }
+        }
+    )*};
+}
+
+on_both_buses!(
+    messages_land_once_in_the_rule_queue_with_priority_by_urgency,
+    a_retried_post_yields_exactly_one_assignment_even_across_a_restart,
+    a_crash_between_store_commit_and_ack_assigns_exactly_once,
+    sigkill_under_load_loses_nothing_and_doubles_nothing,
+    bad_inputs_get_clear_errors_and_publish_nothing,
+    sighup_reloads_rules_and_a_bad_set_keeps_the_old_one,
+);
+
+async fn messages_land_once_in_the_rule_queue_with_priority_by_urgency(backend: Backend) {
     let prefix = prefix("route");
-    let daemon = Daemon::start(DaemonConfig::new(&prefix)).await;
+    let daemon = Daemon::start(DaemonConfig::on(backend, &prefix)).await;
     daemon.wait_ready().await;
 
     let (status, body) = daemon
@@ -36,20 +60,12 @@ async fn messages_land_once_in_the_rule_queue_with_priority_by_urgency() {
     let (status, _) = daemon.post("chat", &vip.to_string()).await;
     assert_eq!(status, 200);
 
-    let billing = collect(
-        &rabbit,
-        &format!("{prefix}.queue.billing"),
-        2,
-        Duration::from_secs(10),
-    )
-    .await;
-    let general = collect(
-        &rabbit,
-        &format!("{prefix}.queue.general"),
-        1,
-        Duration::from_secs(5),
-    )
-    .await;
+    let billing = daemon
+        .assignments("billing", 2, Duration::from_secs(10))
+        .await;
+    let general = daemon
+        .assignments("general", 1, Duration::from_secs(5))
+        .await;
     assert_eq!(
         billing.len(),
         2,
@@ -117,14 +133,12 @@ async fn messages_land_once_in_the_rule_queue_with_priority_by_urgency() {
             .is_empty()
     );
 
-    cleanup(&rabbit, &prefix, QUEUES).await;
+    daemon.cleanup(QUEUES).await;
 }
 
-#[tokio::test]
-async fn a_retried_post_yields_exactly_one_assignment_even_across_a_restart() {
-    let rabbit = rabbit().await;
+async fn a_retried_post_yields_exactly_one_assignment_even_across_a_restart(backend: Backend) {
     let prefix = prefix("retry");
-    let mut daemon = Daemon::start(DaemonConfig::new(&prefix)).await;
+    let mut daemon = Daemon::start(DaemonConfig::on(backend, &prefix)).await;
     daemon.wait_ready().await;
 
     let body = chat("m-1", "visitor-1", "hello there");
@@ -146,29 +160,24 @@ async fn a_retried_post_yields_exactly_one_assignment_even_across_a_restart() {
     assert_eq!(status, 200);
     assert_eq!(again, first);
 
-    let general = collect(
-        &rabbit,
-        &format!("{prefix}.queue.general"),
-        2,
-        Duration::from_secs(5),
-    )
-    .await;
+    let general = daemon
+        .assignments("general", 2, Duration::from_secs(5))
+        .await;
     assert_eq!(
         general.len(),
         1,
         "one assignment for one message: {general:?}"
     );
     assert_eq!(
-        depth(&rabbit, &format!("{prefix}.router")).await,
+        daemon.queue_depth(&format!("{prefix}.router")).await,
         0,
         "the retries were consumed"
     );
-    cleanup(&rabbit, &prefix, QUEUES).await;
+    daemon.cleanup(QUEUES).await;
 }
 
 #[tokio::test]
 async fn broker_outage_answers_503_and_the_retry_lands_once() {
-    let rabbit = rabbit().await;
     let prefix = prefix("outage");
     let proxy = Proxy::start(AMQP_ADDR).await;
     let mut config = DaemonConfig::new(&prefix);
@@ -192,23 +201,17 @@ async fn broker_outage_answers_503_and_the_retry_lands_once() {
     let (status, accepted) = daemon.post("chat", &body).await;
     assert_eq!(status, 200, "{accepted}");
 
-    let general = collect(
-        &rabbit,
-        &format!("{prefix}.queue.general"),
-        1,
-        Duration::from_secs(10),
-    )
-    .await;
+    let general = daemon
+        .assignments("general", 1, Duration::from_secs(10))
+        .await;
     assert_eq!(general.len(), 1, "{general:?}");
     assert_eq!(general[0].1["data"]["message"]["external_id"], "m-down");
-    cleanup(&rabbit, &prefix, QUEUES).await;
+    daemon.cleanup(QUEUES).await;
 }
 
-#[tokio::test]
-async fn a_crash_between_store_commit_and_ack_assigns_exactly_once() {
-    let rabbit = rabbit().await;
+async fn a_crash_between_store_commit_and_ack_assigns_exactly_once(backend: Backend) {
     let prefix = prefix("crash");
-    let mut daemon = Daemon::start(DaemonConfig::new(&prefix)).await;
+    let mut daemon = Daemon::start(DaemonConfig::on(backend, &prefix)).await;
     daemon.wait_ready().await;
     // Restart with the failpoint armed: the router aborts after recording its decision and
     // before publishing + acknowledging, as a SIGKILL at that instant would.
@@ -227,20 +230,16 @@ async fn a_crash_between_store_commit_and_ack_assigns_exactly_once() {
     let status = daemon.wait_exit(Duration::from_secs(10)).await;
     assert!(!status.success(), "the failpoint aborted the daemon");
     assert_eq!(
-        depth(&rabbit, &format!("{prefix}.queue.billing")).await,
+        daemon.depth("billing").await,
         0,
         "nothing published before the crash"
     );
 
     daemon.spawn().await;
     daemon.wait_ready().await;
-    let billing = collect(
-        &rabbit,
-        &format!("{prefix}.queue.billing"),
-        1,
-        Duration::from_secs(10),
-    )
-    .await;
+    let billing = daemon
+        .assignments("billing", 1, Duration::from_secs(10))
+        .await;
     assert_eq!(billing.len(), 1, "{billing:?}");
     assert_eq!(billing[0].1["data"]["message"]["external_id"], "m-crash");
     assert!(
@@ -248,14 +247,12 @@ async fn a_crash_between_store_commit_and_ack_assigns_exactly_once() {
         "{}",
         daemon.log()
     );
-    cleanup(&rabbit, &prefix, QUEUES).await;
+    daemon.cleanup(QUEUES).await;
 }
 
-#[tokio::test]
-async fn sigkill_under_load_loses_nothing_and_doubles_nothing() {
-    let rabbit = rabbit().await;
+async fn sigkill_under_load_loses_nothing_and_doubles_nothing(backend: Backend) {
     let prefix = prefix("kill");
-    let mut daemon = Daemon::start(DaemonConfig::new(&prefix)).await;
+    let mut daemon = Daemon::start(DaemonConfig::on(backend, &prefix)).await;
     daemon.wait_ready().await;
 
     const TOTAL: usize = 300;
@@ -279,13 +276,9 @@ async fn sigkill_under_load_loses_nothing_and_doubles_nothing() {
             assert_eq!(status, 200, "{answer}");
         }
     }
-    let general = collect(
-        &rabbit,
-        &format!("{prefix}.queue.general"),
-        TOTAL,
-        Duration::from_secs(30),
-    )
-    .await;
+    let general = daemon
+        .assignments("general", TOTAL, Duration::from_secs(30))
+        .await;
     let mut ids: Vec<String> = general
         .iter()
         .map(|(_, e)| {
@@ -300,14 +293,12 @@ async fn sigkill_under_load_loses_nothing_and_doubles_nothing() {
     unique.dedup();
     assert_eq!(unique.len(), ids.len(), "no duplicates");
     assert_eq!(ids.len(), TOTAL, "every message assigned");
-    cleanup(&rabbit, &prefix, QUEUES).await;
+    daemon.cleanup(QUEUES).await;
 }
 
-#[tokio::test]
-async fn bad_inputs_get_clear_errors_and_publish_nothing() {
-    let rabbit = rabbit().await;
+async fn bad_inputs_get_clear_errors_and_publish_nothing(backend: Backend) {
     let prefix = prefix("bad");
-    let mut config = DaemonConfig::new(&prefix);
+    let mut config = DaemonConfig::on(backend, &prefix);
     config.channels.push_str(
         "\n[[channels]]\nid = \"signed\"\nkind = \"webchat\"\nsecret = \"s3cret-value\"\n",
     );
@@ -406,20 +397,16 @@ async fn bad_inputs_get_clear_errors_and_publish_nothing() {
         .await;
     assert_eq!(status, 200, "{answer}");
 
-    let general = collect(
-        &rabbit,
-        &format!("{prefix}.queue.general"),
-        1,
-        Duration::from_secs(5),
-    )
-    .await;
+    let general = daemon
+        .assignments("general", 1, Duration::from_secs(5))
+        .await;
     assert_eq!(
         general.len(),
         1,
         "only the valid message was published: {general:?}"
     );
-    assert_eq!(depth(&rabbit, &format!("{prefix}.dead")).await, 0);
-    cleanup(&rabbit, &prefix, QUEUES).await;
+    assert_eq!(daemon.queue_depth(&format!("{prefix}.dead")).await, 0);
+    daemon.cleanup(QUEUES).await;
 }
 
 fn signed(secret: &[u8], body: &[u8]) -> String {
@@ -445,13 +432,9 @@ async fn poison_messages_go_to_the_dead_queue_with_a_reason() {
         .await;
     assert_eq!(status, 200);
 
-    let general = collect(
-        &rabbit,
-        &format!("{prefix}.queue.general"),
-        1,
-        Duration::from_secs(5),
-    )
-    .await;
+    let general = daemon
+        .assignments("general", 1, Duration::from_secs(5))
+        .await;
     assert_eq!(general.len(), 1, "routing goes on after a poison message");
     let channel = rabbit.create_channel().await.unwrap();
     let dead = channel
@@ -476,17 +459,15 @@ async fn poison_messages_go_to_the_dead_queue_with_a_reason() {
         reason.starts_with("not a normalized message event"),
         "{reason}"
     );
-    cleanup(&rabbit, &prefix, QUEUES).await;
+    daemon.cleanup(QUEUES).await;
 }
 
-#[tokio::test]
-async fn sighup_reloads_rules_and_a_bad_set_keeps_the_old_one() {
-    let rabbit = rabbit().await;
+async fn sighup_reloads_rules_and_a_bad_set_keeps_the_old_one(backend: Backend) {
     let prefix = prefix("reload");
     let rules = tempfile::tempdir().unwrap();
     let queues = "[[queue]]\nname = \"general\"\ndefault = true\n\n[[queue]]\nname = \"sales\"\nskills = [\"sales\"]\n";
     write_rules(rules.path(), &[("10-queues.toml", queues)]);
-    let mut config = DaemonConfig::new(&prefix);
+    let mut config = DaemonConfig::on(backend, &prefix);
     config.rules = rules.path().to_path_buf();
     let daemon = Daemon::start(config).await;
     daemon.wait_ready().await;
@@ -494,13 +475,9 @@ async fn sighup_reloads_rules_and_a_bad_set_keeps_the_old_one() {
     daemon
         .post("chat", &chat("m-1", "v", "I want to buy"))
         .await;
-    let general = collect(
-        &rabbit,
-        &format!("{prefix}.queue.general"),
-        1,
-        Duration::from_secs(5),
-    )
-    .await;
+    let general = daemon
+        .assignments("general", 1, Duration::from_secs(5))
+        .await;
     assert_eq!(general.len(), 1);
 
     let sales_rule = "[[rule]]\nid = \"buy\"\nwhen = 'message.text.contains(\"buy\")'\nrequire_skills = [\"sales\"]\n";
@@ -510,13 +487,7 @@ async fn sighup_reloads_rules_and_a_bad_set_keeps_the_old_one() {
     daemon
         .post("chat", &chat("m-2", "v", "I want to buy"))
         .await;
-    let sales = collect(
-        &rabbit,
-        &format!("{prefix}.queue.sales"),
-        1,
-        Duration::from_secs(5),
-    )
-    .await;
+    let sales = daemon.assignments("sales", 1, Duration::from_secs(5)).await;
     assert_eq!(sales.len(), 1, "the reloaded rule routes to sales");
 
     write_rules(
@@ -531,13 +502,7 @@ async fn sighup_reloads_rules_and_a_bad_set_keeps_the_old_one() {
     daemon
         .post("chat", &chat("m-3", "v", "I want to buy"))
         .await;
-    let sales = collect(
-        &rabbit,
-        &format!("{prefix}.queue.sales"),
-        1,
-        Duration::from_secs(5),
-    )
-    .await;
+    let sales = daemon.assignments("sales", 1, Duration::from_secs(5)).await;
     assert_eq!(
         sales.len(),
         1,
@@ -566,5 +531,5 @@ async fn sighup_reloads_rules_and_a_bad_set_keeps_the_old_one() {
     ] {
         assert!(metrics.contains(name), "{name} missing from:\n{metrics}");
     }
-    cleanup(&rabbit, &prefix, &["general", "sales"]).await;
+    daemon.cleanup(&["general", "sales"]).await;
 }

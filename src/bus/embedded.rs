@@ -96,7 +96,10 @@ impl EmbeddedBus {
         .map_err(store_error)?
         .rows_affected();
         if released > 0 {
-            info!(released, "Released router leases left by the previous process.");
+            info!(
+                released,
+                "Released router leases left by the previous process."
+            );
         }
         let (publish_tx, publish_rx) = mpsc::channel(PUBLISH_BATCH * 4);
         tracker.spawn(run_publisher(shared.clone(), publish_rx, cancel));
@@ -108,7 +111,10 @@ impl EmbeddedBus {
     }
 
     pub async fn is_ready(&self) -> bool {
-        sqlx::query("SELECT 1").execute(&self.shared.pool).await.is_ok()
+        sqlx::query("SELECT 1")
+            .execute(&self.shared.pool)
+            .await
+            .is_ok()
     }
 
     /// Publishes a normalized message to the router queue; returns once committed.
@@ -285,7 +291,8 @@ impl Shared {
         }
         if !poisoned.is_empty() {
             let reason = format!("delivered {limit} times without being acknowledged");
-            let headers = json!({ REASON_HEADER: reason, "x-switchboard-queue": queue }).to_string();
+            let headers =
+                json!({ REASON_HEADER: reason, "x-switchboard-queue": queue }).to_string();
             sqlx::query(
                 "UPDATE bus_messages SET queue = ?1, headers = ?2, lease_id = NULL, visible_at = ?3, attempts = 0
                  WHERE id IN (SELECT value FROM json_each(?4))",
@@ -308,12 +315,14 @@ impl Shared {
 
     /// When the next leased message of `queue` becomes ready again, if any.
     async fn next_visible(&self, queue: &str) -> Result<Option<i64>, BusError> {
-        sqlx::query_scalar("SELECT min(visible_at) FROM bus_messages WHERE queue = ? AND visible_at > ?")
-            .bind(queue)
-            .bind(now_ms())
-            .fetch_one(&self.pool)
-            .await
-            .map_err(store_error)
+        sqlx::query_scalar(
+            "SELECT min(visible_at) FROM bus_messages WHERE queue = ? AND visible_at > ?",
+        )
+        .bind(queue)
+        .bind(now_ms())
+        .fetch_one(&self.pool)
+        .await
+        .map_err(store_error)
     }
 }
 
@@ -361,7 +370,9 @@ async fn run_publisher(
             }
             Err(error) => {
                 warn!(%error, "Embedded bus could not store published messages.");
-                Err(PublishError::Unavailable(format!("the store failed: {error}")))
+                Err(PublishError::Unavailable(format!(
+                    "the store failed: {error}"
+                )))
             }
         };
         for request in batch {
@@ -369,9 +380,9 @@ async fn run_publisher(
         }
     }
     while let Ok(request) = requests.try_recv() {
-        let _ = request
-            .reply
-            .send(Err(PublishError::Unavailable("the bus is shutting down".into())));
+        let _ = request.reply.send(Err(PublishError::Unavailable(
+            "the bus is shutting down".into(),
+        )));
     }
 }
 
@@ -387,7 +398,10 @@ impl EmbeddedRouterLink {
     async fn take(&mut self, max: usize) -> Result<Vec<Delivery>, BusError> {
         let lease_ms = i64::try_from(ROUTER_LEASE.as_millis()).unwrap_or(i64::MAX);
         let router = self.shared.topology.router();
-        let taken = self.shared.take(&router, &self.lease_id, lease_ms, max).await?;
+        let taken = self
+            .shared
+            .take(&router, &self.lease_id, lease_ms, max)
+            .await?;
         Ok(taken
             .into_iter()
             .map(|leased| {
@@ -456,7 +470,8 @@ impl RouterLink for EmbeddedRouterLink {
                 }
                 Outcome::Dead(reason) => {
                     let body = self.held.get(tag).cloned().unwrap_or_default();
-                    let headers = json!({ REASON_HEADER: reason, "x-switchboard-queue": topology.router() });
+                    let headers =
+                        json!({ REASON_HEADER: reason, "x-switchboard-queue": topology.router() });
                     dead.push(json!({"body": body, "headers": headers.to_string()}));
                 }
                 Outcome::Ack => {}
@@ -523,13 +538,15 @@ impl RouterLink for EmbeddedRouterLink {
 
     async fn reset(&mut self) -> Result<(), BusError> {
         // Give back what this link held, so it is redelivered now rather than at lease expiry.
-        let released = sqlx::query("UPDATE bus_messages SET visible_at = ?, lease_id = NULL WHERE lease_id = ?")
-            .bind(now_ms())
-            .bind(&self.lease_id)
-            .execute(&self.shared.pool)
-            .await
-            .map_err(store_error)?
-            .rows_affected();
+        let released = sqlx::query(
+            "UPDATE bus_messages SET visible_at = ?, lease_id = NULL WHERE lease_id = ?",
+        )
+        .bind(now_ms())
+        .bind(&self.lease_id)
+        .execute(&self.shared.pool)
+        .await
+        .map_err(store_error)?
+        .rows_affected();
         self.held.clear();
         if released > 0 {
             self.shared.wake(&self.shared.topology.router());

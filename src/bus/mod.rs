@@ -189,16 +189,18 @@ impl Bus {
     ) -> Result<Option<Claimed>, BusError> {
         match self {
             Bus::Amqp(bus) => bus.claim(queue, wait, lease, cancel).await,
-            Bus::Embedded(bus) => Ok(bus
-                .claim(queue, wait, lease, cancel)
-                .await?
-                .map(|leased| Claimed {
-                    assignment_id: leased.lease_id,
-                    priority: leased.priority,
-                    redelivered: leased.previous_attempts > 0,
-                    lease_expires_ms: leased.lease_expires_ms,
-                    body: leased.body,
-                })),
+            Bus::Embedded(bus) => {
+                Ok(bus
+                    .claim(queue, wait, lease, cancel)
+                    .await?
+                    .map(|leased| Claimed {
+                        assignment_id: leased.lease_id,
+                        priority: leased.priority,
+                        redelivered: leased.previous_attempts > 0,
+                        lease_expires_ms: leased.lease_expires_ms,
+                        body: leased.body,
+                    }))
+            }
         }
     }
 

@@ -204,9 +204,11 @@ impl Config {
         if self.bus.url.is_none() && !self.store.url.starts_with("sqlite:") {
             problems.push((
                 "store.url".to_owned(),
-                "must be sqlite://PATH when [bus] url is not set: the embedded bus lives in SQLite".to_owned(),
+                "must be sqlite://PATH when [bus] url is not set: the embedded bus lives in SQLite"
+                    .to_owned(),
             ));
-        } else if !(self.store.url.starts_with("sqlite:") || self.store.url.starts_with("postgres")) {
+        } else if !(self.store.url.starts_with("sqlite:") || self.store.url.starts_with("postgres"))
+        {
             problems.push((
                 "store.url".to_owned(),
                 "must be sqlite://PATH or postgres://…".to_owned(),

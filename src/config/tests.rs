@@ -249,14 +249,32 @@ fn shipped_example_config_loads() {
 
 #[test]
 fn state_directory_holds_the_default_database() {
-    let loaded = load_text(None, "", &env(&[("STATE_DIRECTORY", "/var/lib/switchboard")])).unwrap();
-    assert_eq!(loaded.config.store.url, "sqlite:///var/lib/switchboard/switchboard.db");
-    let loaded = load_str("[store]\nurl = \"sqlite://x.db\"\n", &[("STATE_DIRECTORY", "/var/lib/sb")]).unwrap();
-    assert_eq!(loaded.config.store.url, "sqlite://x.db", "an explicit url wins");
+    let loaded = load_text(
+        None,
+        "",
+        &env(&[("STATE_DIRECTORY", "/var/lib/switchboard")]),
+    )
+    .unwrap();
+    assert_eq!(
+        loaded.config.store.url,
+        "sqlite:///var/lib/switchboard/switchboard.db"
+    );
+    let loaded = load_str(
+        "[store]\nurl = \"sqlite://x.db\"\n",
+        &[("STATE_DIRECTORY", "/var/lib/sb")],
+    )
+    .unwrap();
+    assert_eq!(
+        loaded.config.store.url, "sqlite://x.db",
+        "an explicit url wins"
+    );
 }
 
 #[test]
 fn embedded_bus_needs_sqlite() {
     let errors = problems("[store]\nurl = \"postgres://localhost/x\"\n", &[]);
-    assert!(errors[0].contains("must be sqlite://PATH when [bus] url is not set"), "{errors:?}");
+    assert!(
+        errors[0].contains("must be sqlite://PATH when [bus] url is not set"),
+        "{errors:?}"
+    );
 }

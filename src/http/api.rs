@@ -33,7 +33,11 @@ pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Resp
 }
 
 /// Requires `Authorization: Bearer <[http] admin_token>`.
-pub async fn require_token(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+pub async fn require_token(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
     let Some(expected) = state.admin_token.as_deref() else {
         return error(
             StatusCode::UNAUTHORIZED,
@@ -47,8 +51,14 @@ pub async fn require_token(State(state): State<Arc<AppState>>, request: Request,
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     match given {
-        Some(given) if bool::from(given.as_bytes().ct_eq(expected.as_bytes())) => next.run(request).await,
-        Some(_) => error(StatusCode::UNAUTHORIZED, "bad_token", "the bearer token is not valid"),
+        Some(given) if bool::from(given.as_bytes().ct_eq(expected.as_bytes())) => {
+            next.run(request).await
+        }
+        Some(_) => error(
+            StatusCode::UNAUTHORIZED,
+            "bad_token",
+            "the bearer token is not valid",
+        ),
         None => error(
             StatusCode::UNAUTHORIZED,
             "missing_token",
@@ -68,10 +78,17 @@ pub struct ClaimQuery {
     lease: Option<f64>,
 }
 
-fn seconds(value: Option<f64>, default: Duration, max: Duration, name: &str) -> Result<Duration, Response> {
+fn seconds(
+    value: Option<f64>,
+    default: Duration,
+    max: Duration,
+    name: &str,
+) -> Result<Duration, Response> {
     match value {
         None => Ok(default),
-        Some(s) if s.is_finite() && s >= 0.0 && s <= max.as_secs_f64() => Ok(Duration::from_secs_f64(s)),
+        Some(s) if s.is_finite() && s >= 0.0 && s <= max.as_secs_f64() => {
+            Ok(Duration::from_secs_f64(s))
+        }
         Some(_) => Err(error(
             StatusCode::BAD_REQUEST,
             "invalid_parameter",
@@ -106,15 +123,27 @@ pub async fn claim(
     };
     let lease = match seconds(query.lease, DEFAULT_LEASE, MAX_LEASE, "lease") {
         Ok(lease) if !lease.is_zero() => lease,
-        Ok(_) => return error(StatusCode::BAD_REQUEST, "invalid_parameter", "`lease` must be above 0"),
+        Ok(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_parameter",
+                "`lease` must be above 0",
+            );
+        }
         Err(response) => return response,
     };
     match state.bus.claim(&queue, wait, lease, &state.shutdown).await {
         Ok(Some(claimed)) => {
-            let assignment: Value = serde_json::from_str(&claimed.body).unwrap_or(Value::String(claimed.body));
-            let expires = OffsetDateTime::from_unix_timestamp_nanos(i128::from(claimed.lease_expires_ms) * 1_000_000)
-                .ok()
-                .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok());
+            let assignment: Value =
+                serde_json::from_str(&claimed.body).unwrap_or(Value::String(claimed.body));
+            let expires = OffsetDateTime::from_unix_timestamp_nanos(
+                i128::from(claimed.lease_expires_ms) * 1_000_000,
+            )
+            .ok()
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            });
             Json(json!({
                 "assignment_id": claimed.assignment_id,
                 "queue": queue,
@@ -126,7 +155,11 @@ pub async fn claim(
             .into_response()
         }
         Ok(None) => StatusCode::NO_CONTENT.into_response(),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "bus_unavailable", e.to_string()),
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "bus_unavailable",
+            e.to_string(),
+        ),
     }
 }
 
@@ -139,7 +172,11 @@ pub async fn ack(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> 
             "unknown_assignment",
             "no claimed assignment with this id: it was acknowledged already, or its lease expired and it went back to its queue",
         ),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "bus_unavailable", e.to_string()),
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "bus_unavailable",
+            e.to_string(),
+        ),
     }
 }
 

@@ -48,8 +48,18 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// Which bus a daemon runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Amqp,
+    Embedded,
+}
+
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
 /// How a daemon is configured.
 pub struct DaemonConfig {
+    pub backend: Backend,
     pub prefix: String,
     pub amqp_url: String,
     pub rules: PathBuf,
@@ -60,7 +70,12 @@ pub struct DaemonConfig {
 
 impl DaemonConfig {
     pub fn new(prefix: &str) -> Self {
+        Self::on(Backend::Amqp, prefix)
+    }
+
+    pub fn on(backend: Backend, prefix: &str) -> Self {
         Self {
+            backend,
             prefix: prefix.to_owned(),
             amqp_url: AMQP_URL.to_owned(),
             rules: repo().join("routing-rules"),
@@ -73,6 +88,8 @@ impl DaemonConfig {
 
 /// A running daemon; killed (SIGKILL) when dropped.
 pub struct Daemon {
+    pub backend: Backend,
+    pub prefix: String,
     pub dir: tempfile::TempDir,
     pub port: u16,
     pub config_path: PathBuf,
@@ -87,9 +104,12 @@ impl Daemon {
         let dir = tempfile::tempdir().expect("temp dir");
         let port = free_port();
         let config_path = dir.path().join("switchboard.toml");
+        let url = match config.backend {
+            Backend::Amqp => format!("url = \"{}\"\n", config.amqp_url),
+            Backend::Embedded => String::new(),
+        };
         let text = format!(
-            "[bus]\nurl = \"{}\"\nprefix = \"{}\"\nconfirm_timeout = \"2s\"\n\n[store]\nurl = \"sqlite://{}\"\n\n[http]\nlisten = \"127.0.0.1:{port}\"\n\n[routing]\nrules = \"{}\"\n\n[daemon]\nshutdown_timeout = \"5s\"\n\n{}\n{}\n",
-            config.amqp_url,
+            "[bus]\n{url}prefix = \"{}\"\nconfirm_timeout = \"2s\"\n\n[store]\nurl = \"sqlite://{}\"\n\n[http]\nlisten = \"127.0.0.1:{port}\"\nadmin_token = \"{ADMIN_TOKEN}\"\n\n[routing]\nrules = \"{}\"\n\n[daemon]\nshutdown_timeout = \"5s\"\n\n{}\n{}\n",
             config.prefix,
             dir.path().join("switchboard.db").display(),
             config.rules.display(),
@@ -98,6 +118,8 @@ impl Daemon {
         );
         std::fs::write(&config_path, text).expect("write config");
         let mut daemon = Daemon {
+            backend: config.backend,
+            prefix: config.prefix.clone(),
             dir,
             port,
             config_path,
@@ -250,6 +272,122 @@ impl Daemon {
     pub async fn stop(&mut self) -> std::process::ExitStatus {
         self.signal("TERM");
         self.wait_exit(Duration::from_secs(15)).await
+    }
+}
+
+impl Daemon {
+    /// `POST /api/v1/queues/{queue}/claim`: `(status, body)`.
+    pub async fn claim(&self, queue: &str, wait: f64, lease: f64) -> (u16, Value) {
+        let response = self
+            .http
+            .post(self.url(&format!(
+                "/api/v1/queues/{queue}/claim?wait={wait}&lease={lease}"
+            )))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .expect("claim");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn ack(&self, assignment_id: &str) -> u16 {
+        self.http
+            .post(self.url(&format!("/api/v1/assignments/{assignment_id}/ack")))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .expect("ack")
+            .status()
+            .as_u16()
+    }
+
+    /// Takes the assignments of agent queue `queue`, in the order the bus hands them out, until
+    /// `count` arrived or `within` passed; then waits a little for any extra (duplicate) one.
+    /// `(AMQP priority, assignment event)`.
+    pub async fn assignments(
+        &self,
+        queue: &str,
+        count: usize,
+        within: Duration,
+    ) -> Vec<(u8, Value)> {
+        match self.backend {
+            Backend::Amqp => {
+                let rabbit = rabbit().await;
+                collect(
+                    &rabbit,
+                    &format!("{}.queue.{queue}", self.prefix),
+                    count,
+                    within,
+                )
+                .await
+            }
+            Backend::Embedded => {
+                let deadline = Instant::now() + within;
+                // Like the AMQP drain: let them all arrive, then take them in the bus's order.
+                while self.depth(queue).await < count && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                let mut out = Vec::new();
+                loop {
+                    let wait = if out.len() < count && Instant::now() < deadline {
+                        1.0
+                    } else {
+                        0.3
+                    };
+                    let (status, claimed) = self.claim(queue, wait, 30.0).await;
+                    match status {
+                        200 => {
+                            let id = claimed["assignment_id"].as_str().expect("assignment_id");
+                            assert_eq!(self.ack(id).await, 200);
+                            let priority = claimed["priority"].as_u64().expect("priority") as u8;
+                            out.push((priority, claimed["assignment"].clone()));
+                        }
+                        204 if out.len() >= count || Instant::now() >= deadline => break,
+                        204 => {}
+                        other => panic!("claim answered {other}: {claimed}"),
+                    }
+                }
+                out
+            }
+        }
+    }
+
+    /// Messages in agent queue `queue` (ready or leased), without taking them.
+    pub async fn depth(&self, queue: &str) -> usize {
+        let name = format!("{}.queue.{queue}", self.prefix);
+        self.queue_depth(&name).await
+    }
+
+    /// Messages in any bus queue, by full name.
+    pub async fn queue_depth(&self, name: &str) -> usize {
+        match self.backend {
+            Backend::Amqp => depth(&rabbit().await, name).await,
+            Backend::Embedded => {
+                let url = format!(
+                    "sqlite://{}?mode=ro",
+                    self.dir.path().join("switchboard.db").display()
+                );
+                let pool = sqlx::SqlitePool::connect(&url)
+                    .await
+                    .expect("open the daemon's database");
+                let count: i64 =
+                    sqlx::query_scalar("SELECT count(*) FROM bus_messages WHERE queue = ?")
+                        .bind(name)
+                        .fetch_one(&pool)
+                        .await
+                        .expect("count");
+                pool.close().await;
+                count as usize
+            }
+        }
+    }
+
+    /// Removes what the test declared on RabbitMQ (nothing to do for the embedded bus).
+    pub async fn cleanup(&self, queues: &[&str]) {
+        if self.backend == Backend::Amqp {
+            cleanup(&rabbit().await, &self.prefix, queues).await;
+        }
     }
 }
 
