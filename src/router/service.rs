@@ -33,13 +33,20 @@ pub const MAX_BATCH: usize = 128;
 
 /// Failure points for crash tests: `SWITCHBOARD_FAILPOINT=router.after_record` makes the
 /// process abort right after the store commit and before the bus commit, as a crash would.
+/// Test-only: nothing sets the variable in production.
 fn failpoint(name: &str) {
-    static ARMED: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    let armed = ARMED.get_or_init(|| std::env::var("SWITCHBOARD_FAILPOINT").ok());
-    if armed.as_deref() == Some(name) {
+    if failpoint_armed(name) {
         eprintln!("failpoint {name}: aborting");
         std::process::abort();
     }
+}
+
+/// Whether `SWITCHBOARD_FAILPOINT` names this failure point. `router.paused` keeps the router
+/// from consuming at all, as a stalled router would (messages pile up, published and unrouted).
+fn failpoint_armed(name: &str) -> bool {
+    static ARMED: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let armed = ARMED.get_or_init(|| std::env::var("SWITCHBOARD_FAILPOINT").ok());
+    armed.as_deref() == Some(name)
 }
 
 /// The `data` of `switchboard.conversation.assigned`.
@@ -115,6 +122,11 @@ impl Router {
     /// Batches are pipelined: while the bus commits batch N, batch N+1 (whatever the consumer
     /// already holds) is decided and recorded in the store. Its publish waits for N's commit.
     pub async fn run(self, mut link: impl RouterLink, cancel: CancellationToken) {
+        if failpoint_armed("router.paused") {
+            warn!("Failpoint router.paused: the router does not consume.");
+            cancel.cancelled().await;
+            return;
+        }
         let mut failures = 0u32;
         let mut carried: Option<Prepared> = None;
         loop {

@@ -1,0 +1,308 @@
+//! Agents taking assignments over HTTP (claim / ack, on both buses), and single-node mode's
+//! durability: kill -9 with unrouted messages and unacknowledged claims.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+
+const QUEUES: &[&str] = &["general", "billing", "technical", "escalations"];
+
+macro_rules! on_both_buses {
+    ($($scenario:ident),* $(,)?) => {$(
+        mod $scenario {
+            #[tokio::test]
+            async fn rabbitmq() {
+                super::$scenario(super::Backend::Amqp).await;
+            }
+            #[tokio::test]
+            async fn embedded() {
+                super::$scenario(super::Backend::Embedded).await;
+            }
+        }
+    )*};
+}
+
+on_both_buses!(
+    claim_ack_and_lease_expiry,
+    claim_api_refuses_bad_requests,
+    a_burst_is_claimed_highest_priority_first,
+    a_long_poll_returns_as_soon_as_an_assignment_arrives,
+);
+
+async fn claim_ack_and_lease_expiry(backend: Backend) {
+    let prefix = prefix("claim");
+    let daemon = Daemon::start(DaemonConfig::on(backend, &prefix)).await;
+    daemon.wait_ready().await;
+
+    let (status, _) = daemon.claim("billing", 0.0, 30.0).await;
+    assert_eq!(status, 204, "nothing to claim yet");
+    let (status, _) = daemon
+        .post("chat", &chat("m-1", "v-1", "refund please"))
+        .await;
+    assert_eq!(status, 200);
+
+    let (status, first) = daemon.claim("billing", 5.0, 1.0).await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["queue"], "billing");
+    assert_eq!(first["redelivered"], false);
+    assert_eq!(
+        first["assignment"]["type"],
+        "switchboard.conversation.assigned"
+    );
+    assert_eq!(first["assignment"]["data"]["message"]["external_id"], "m-1");
+    assert!(first["lease_expires_at"].as_str().is_some());
+    let first_id = first["assignment_id"].as_str().unwrap().to_owned();
+
+    // Leased: nobody else gets it; after the lease it comes back, marked redelivered.
+    let (status, _) = daemon.claim("billing", 0.0, 30.0).await;
+    assert_eq!(status, 204, "a leased assignment is not handed out twice");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (status, again) = daemon.claim("billing", 5.0, 30.0).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["assignment"]["data"]["message"]["external_id"], "m-1");
+    assert_eq!(again["redelivered"], true);
+    assert_eq!(
+        daemon.ack(&first_id).await,
+        404,
+        "an expired lease cannot ack"
+    );
+    let again_id = again["assignment_id"].as_str().unwrap();
+    assert_eq!(daemon.ack(again_id).await, 200);
+    assert_eq!(daemon.ack(again_id).await, 404, "acked once");
+    let (status, _) = daemon.claim("billing", 0.5, 30.0).await;
+    assert_eq!(status, 204, "the queue is empty after the ack");
+    daemon.cleanup(QUEUES).await;
+}
+
+async fn claim_api_refuses_bad_requests(backend: Backend) {
+    let prefix = prefix("claimbad");
+    let daemon = Daemon::start(DaemonConfig::on(backend, &prefix)).await;
+    daemon.wait_ready().await;
+    let url = daemon.url("/api/v1/queues/general/claim");
+
+    let response = daemon.http.post(&url).send().await.unwrap();
+    assert_eq!(response.status(), 401);
+    let response = daemon
+        .http
+        .post(&url)
+        .bearer_auth("wrong-token-of-some-length")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    let response = daemon
+        .http
+        .post(daemon.url("/api/v1/queues/nope/claim"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+    for query in ["wait=-1", "wait=999", "lease=0", "wait=soon", "colour=blue"] {
+        let response = daemon
+            .http
+            .post(format!("{url}?{query}"))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "{query}");
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert!(
+            body["error"]["message"].as_str().is_some(),
+            "{query}: {body}"
+        );
+    }
+    let response = daemon
+        .http
+        .get(daemon.url("/api/v1/rules"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let rules: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(
+        rules["queues"],
+        json!(["general", "billing", "technical", "escalations"])
+    );
+    daemon.cleanup(QUEUES).await;
+}
+
+/// Rules that put everything in `general` with the urgency the text names (`p7` → 70).
+fn priority_rules() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rules = String::from("[[queue]]\nname = \"general\"\ndefault = true\n\n");
+    for p in 1..10 {
+        rules.push_str(&format!(
+            "[[rule]]\nid = \"p{p}\"\nwhen = 'message.text == \"p{p}\"'\nurgency = {}\n\n",
+            p * 10
+        ));
+    }
+    write_rules(dir.path(), &[("rules.toml", &rules)]);
+    dir
+}
+
+async fn a_burst_is_claimed_highest_priority_first(backend: Backend) {
+    let prefix = prefix("burst");
+    let rules = priority_rules();
+    let mut config = DaemonConfig::on(backend, &prefix);
+    config.rules = rules.path().to_path_buf();
+    let daemon = Daemon::start(config).await;
+    daemon.wait_ready().await;
+
+    const TOTAL: usize = 100;
+    // A fixed, mixed order of priorities (a simple LCG, so the test is repeatable).
+    let mut x: u64 = 7;
+    let mut sent = Vec::new();
+    for i in 0..TOTAL {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let p = (x >> 33) % 10;
+        let (status, _) = daemon
+            .post(
+                "chat",
+                &chat(&format!("m-{i:03}"), &format!("v-{i}"), &format!("p{p}")),
+            )
+            .await;
+        assert_eq!(status, 200);
+        sent.push(p as u8);
+    }
+    let claimed = daemon
+        .assignments("general", TOTAL, Duration::from_secs(20))
+        .await;
+    assert_eq!(claimed.len(), TOTAL);
+    let order: Vec<(u8, String)> = claimed
+        .iter()
+        .map(|(priority, event)| {
+            (
+                *priority,
+                event["data"]["message"]["external_id"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned(),
+            )
+        })
+        .collect();
+    for pair in order.windows(2) {
+        let ((p1, id1), (p2, id2)) = (&pair[0], &pair[1]);
+        assert!(
+            p1 > p2 || (p1 == p2 && id1 < id2),
+            "out of order: {pair:?} in {order:?}"
+        );
+    }
+    let mut expected = sent.clone();
+    expected.sort_unstable_by(|a, b| b.cmp(a));
+    let priorities: Vec<u8> = order.iter().map(|(p, _)| *p).collect();
+    assert_eq!(priorities, expected, "every priority as sent");
+    daemon.cleanup(&["general"]).await;
+}
+
+async fn a_long_poll_returns_as_soon_as_an_assignment_arrives(backend: Backend) {
+    let prefix = prefix("poll");
+    let daemon = std::sync::Arc::new(Daemon::start(DaemonConfig::on(backend, &prefix)).await);
+    daemon.wait_ready().await;
+
+    let waiting = {
+        let daemon = daemon.clone();
+        tokio::spawn(async move {
+            let (status, claimed) = daemon.claim("general", 20.0, 30.0).await;
+            (status, claimed, Instant::now())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (status, _) = daemon.post("chat", &chat("m-poll", "v", "hello")).await;
+    let posted = Instant::now();
+    assert_eq!(status, 200);
+    let (status, claimed, returned) = waiting.await.unwrap();
+    assert_eq!(status, 200, "{claimed}");
+    assert_eq!(
+        claimed["assignment"]["data"]["message"]["external_id"],
+        "m-poll"
+    );
+    let latency = returned.duration_since(posted);
+    eprintln!("{backend:?}: webhook answered → long-polling claim returned in {latency:?}");
+    assert!(latency < Duration::from_secs(1), "{latency:?}");
+    daemon.cleanup(QUEUES).await;
+}
+
+#[tokio::test]
+async fn single_node_kill_9_loses_nothing_and_assigns_nothing_twice() {
+    let prefix = prefix("kill9");
+    let mut daemon = Daemon::start(DaemonConfig::on(Backend::Embedded, &prefix)).await;
+    daemon.wait_ready().await;
+
+    // Part 1: assignments claimed but not acknowledged when the daemon dies.
+    for i in 0..5 {
+        let (status, _) = daemon
+            .post("chat", &chat(&format!("claimed-{i}"), "v-1", "hello"))
+            .await;
+        assert_eq!(status, 200);
+    }
+    while daemon.depth("general").await < 5 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let (status, claimed) = daemon.claim("general", 2.0, 2.0).await;
+        assert_eq!(status, 200, "{claimed}");
+        held.push(
+            claimed["assignment"]["data"]["message"]["external_id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+
+    // Part 2: messages published (acknowledged to the sender) but not routed yet.
+    daemon.kill9();
+    daemon
+        .spawn_with_env(&[("SWITCHBOARD_FAILPOINT", "router.paused")])
+        .await;
+    daemon.wait_ready().await;
+    for i in 0..50 {
+        let (status, _) = daemon
+            .post(
+                "chat",
+                &chat(&format!("unrouted-{i}"), &format!("v-{i}"), "hello"),
+            )
+            .await;
+        assert_eq!(status, 200);
+    }
+    assert_eq!(
+        daemon.queue_depth(&format!("{prefix}.router")).await,
+        50,
+        "published, not routed"
+    );
+    daemon.kill9();
+
+    daemon.spawn().await;
+    daemon.wait_ready().await;
+    tokio::time::sleep(Duration::from_millis(2100)).await; // the claims' leases run out
+    let claimed = daemon
+        .assignments("general", 55, Duration::from_secs(20))
+        .await;
+    let mut ids: Vec<String> = claimed
+        .iter()
+        .map(|(_, e)| {
+            e["data"]["message"]["external_id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    ids.sort();
+    let mut expected: Vec<String> = (0..5)
+        .map(|i| format!("claimed-{i}"))
+        .chain((0..50).map(|i| format!("unrouted-{i}")))
+        .collect();
+    expected.sort();
+    assert_eq!(ids, expected, "every message exactly once");
+    for id in held {
+        assert!(ids.contains(&id));
+    }
+}
