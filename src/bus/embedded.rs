@@ -555,3 +555,149 @@ impl RouterLink for EmbeddedRouterLink {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::SqliteStore;
+
+    async fn bus(delivery_limit: u32) -> (tempfile::TempDir, EmbeddedBus, CancellationToken) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&format!("sqlite://{}", dir.path().join("b.db").display()))
+            .await
+            .unwrap();
+        let config = BusConfig {
+            delivery_limit,
+            ..BusConfig::default()
+        };
+        let cancel = CancellationToken::new();
+        let bus = EmbeddedBus::start(
+            store.pool().clone(),
+            &config,
+            &TaskTracker::new(),
+            cancel.clone(),
+        )
+        .await
+        .unwrap();
+        (dir, bus, cancel)
+    }
+
+    async fn put(bus: &EmbeddedBus, queue: &str, priority: u8, body: &str) {
+        sqlx::query("INSERT INTO bus_messages (queue, priority, body, visible_at, created_at) VALUES (?, ?, ?, ?, ?)")
+            .bind(bus.topology().agent_queue(queue))
+            .bind(i64::from(priority))
+            .bind(body)
+            .bind(now_ms())
+            .bind(now_ms())
+            .execute(&bus.shared.pool)
+            .await
+            .unwrap();
+        bus.shared.wake(&bus.topology().agent_queue(queue));
+    }
+
+    #[tokio::test]
+    async fn higher_priority_first_then_fifo() {
+        let (_dir, bus, cancel) = bus(5).await;
+        for (priority, body) in [(1, "a"), (5, "b"), (1, "c"), (9, "d"), (5, "e")] {
+            put(&bus, "q", priority, body).await;
+        }
+        let mut order = Vec::new();
+        while let Some(leased) = bus
+            .claim("q", Duration::ZERO, Duration::from_secs(60), &cancel)
+            .await
+            .unwrap()
+        {
+            order.push(leased.body);
+        }
+        assert_eq!(order, ["d", "b", "e", "a", "c"]);
+    }
+
+    #[tokio::test]
+    async fn past_the_delivery_limit_a_message_goes_to_the_dead_queue_with_its_reason() {
+        let (_dir, bus, cancel) = bus(2).await;
+        put(&bus, "q", 0, "poison").await;
+        for attempt in 1..=2 {
+            let leased = bus
+                .claim("q", Duration::ZERO, Duration::from_millis(1), &cancel)
+                .await
+                .unwrap()
+                .unwrap_or_else(|| panic!("delivery {attempt}"));
+            assert_eq!(leased.previous_attempts, attempt - 1);
+            tokio::time::sleep(Duration::from_millis(5)).await; // the lease runs out
+        }
+        assert!(
+            bus.claim("q", Duration::ZERO, Duration::from_secs(1), &cancel)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let row = sqlx::query("SELECT body, headers FROM bus_messages WHERE queue = ?")
+            .bind(bus.topology().dead())
+            .fetch_one(&bus.shared.pool)
+            .await
+            .unwrap();
+        assert_eq!(row.get::<String, _>("body"), "poison");
+        let headers: Value = serde_json::from_str(&row.get::<String, _>("headers")).unwrap();
+        assert_eq!(
+            headers[REASON_HEADER],
+            "delivered 2 times without being acknowledged"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_waiting_claim_wakes_when_a_lease_expires_and_when_work_arrives() {
+        let (_dir, bus, cancel) = bus(5).await;
+        put(&bus, "q", 0, "first").await;
+        let held = bus
+            .claim("q", Duration::ZERO, Duration::from_millis(300), &cancel)
+            .await
+            .unwrap()
+            .unwrap();
+        let started = Instant::now();
+        let again = bus
+            .claim(
+                "q",
+                Duration::from_secs(5),
+                Duration::from_secs(60),
+                &cancel,
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        let waited = started.elapsed();
+        assert_eq!(again.body, "first");
+        assert!(
+            waited >= Duration::from_millis(250) && waited < Duration::from_secs(2),
+            "{waited:?}"
+        );
+        assert!(
+            !bus.ack(&held.lease_id).await.unwrap(),
+            "the expired lease cannot ack"
+        );
+        assert!(bus.ack(&again.lease_id).await.unwrap());
+
+        let waiter = {
+            let bus = bus.clone();
+            let cancel = cancel.clone();
+            tokio::spawn(async move {
+                let leased = bus
+                    .claim(
+                        "q",
+                        Duration::from_secs(5),
+                        Duration::from_secs(60),
+                        &cancel,
+                    )
+                    .await;
+                (leased, Instant::now())
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        put(&bus, "q", 0, "second").await;
+        let put_at = Instant::now();
+        let (leased, woke) = waiter.await.unwrap();
+        assert_eq!(leased.unwrap().unwrap().body, "second");
+        assert!(woke.duration_since(put_at) < Duration::from_millis(500));
+    }
+
+    use std::time::Instant;
+}
