@@ -245,8 +245,12 @@ async fn wait_for_shutdown(rules: &Arc<ArcSwap<RuleSet>>, dir: &std::path::Path,
 pub async fn reload(rules: &Arc<ArcSwap<RuleSet>>, dir: &std::path::Path, bus: &Bus) {
     match RuleSet::load_dir(dir) {
         Ok(next) => {
+            // An assignment to a queue the broker does not have would be dropped: new queues
+            // must exist before the rules that route to them.
             if let Err(error) = bus.declare_agent_queues(&next.queue_names()).await {
-                warn!(%error, "New agent queues will be declared when the bus reconnects.");
+                metrics::counter!("switchboard_rules_reload_failures_total").increment(1);
+                error!(%error, "Routing rules refused: their agent queues cannot be declared now; the previous rules keep routing. Reload again once the bus is back.");
+                return;
             }
             info!(version = %next.version, queues = next.queues.len(), rules = next.rules.len(), "Routing rules reloaded.");
             metrics::counter!("switchboard_rules_reloads_total").increment(1);

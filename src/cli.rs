@@ -1,7 +1,7 @@
 //! The command line: `switchboard run | check | explain`.
 
 use std::collections::HashMap;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -207,11 +207,9 @@ pub fn explain(
         "explanation": decision.explanation,
         "rules_version": rules.version,
     });
-    // A JSON value always pretty-prints.
-    println!(
-        "{}",
-        serde_json::to_string_pretty(&output).expect("JSON prints")
-    );
+    // A JSON value always pretty-prints. A closed stdout (`| head`) is not an error of ours.
+    let text = serde_json::to_string_pretty(&output).expect("JSON prints");
+    let _ = writeln!(std::io::stdout(), "{text}");
     ExitCode::SUCCESS
 }
 

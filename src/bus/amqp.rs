@@ -380,7 +380,13 @@ async fn connect_and_declare(shared: &Shared) -> Result<Arc<Connection>, BusErro
     .map_err(|_| BusError::Disconnected)??;
     let channel = connection.create_channel().await?;
     let queues: Vec<String> = lock(&shared.agent_queues).iter().cloned().collect();
-    declare_topology(&channel, &shared.topology, shared.config.delivery_limit).await?;
+    let channel = declare_topology(
+        &connection,
+        &channel,
+        &shared.topology,
+        shared.config.delivery_limit,
+    )
+    .await?;
     for queue in &queues {
         declare_agent_queue(&channel, &shared.topology, queue).await?;
     }
@@ -403,11 +409,13 @@ fn durable_queue() -> QueueDeclareOptions {
 }
 
 /// Declares DESIGN §3's exchanges and queues (idempotent).
+/// Returns the channel to go on with (a fresh one if the broker closed the first).
 async fn declare_topology(
+    connection: &Connection,
     channel: &Channel,
     topology: &Topology,
     delivery_limit: u32,
-) -> Result<(), BusError> {
+) -> Result<Channel, BusError> {
     let none = FieldTable::default;
     for (name, kind) in [
         (topology.inbound(), ExchangeKind::Topic),
@@ -445,13 +453,34 @@ async fn declare_topology(
         "x-delivery-limit".into(),
         AMQPValue::LongInt(i32::try_from(delivery_limit).unwrap_or(i32::MAX)),
     );
-    channel
+    let declared = channel
         .queue_declare(
             topology.router().as_str().into(),
             durable_queue(),
             router_args,
         )
-        .await?;
+        .await;
+    let channel = match declared {
+        Ok(_) => channel.clone(),
+        // The queue exists with other arguments (say, `delivery_limit` was changed): keep
+        // routing on it as it is rather than refusing to start.
+        Err(error) if error.to_string().contains("PRECONDITION_FAILED") => {
+            warn!(queue = %topology.router(), %error, "The router queue exists with other arguments (was [bus] delivery_limit changed?); using it as it is. To apply the new arguments, drain and delete the queue, or set a RabbitMQ policy.");
+            let channel = connection.create_channel().await?;
+            channel
+                .queue_declare(
+                    topology.router().as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    none(),
+                )
+                .await?;
+            channel
+        }
+        Err(error) => return Err(error.into()),
+    };
     channel
         .queue_bind(
             topology.router().as_str().into(),
@@ -461,7 +490,7 @@ async fn declare_topology(
             none(),
         )
         .await?;
-    Ok(())
+    Ok(channel)
 }
 
 async fn declare_agent_queue(

@@ -84,6 +84,10 @@ fn run_one(rules: &RuleSet, test: &RuleTest) -> Vec<String> {
     let customer = CustomerView {
         id: "test-customer".to_owned(),
         attributes: test.customer.attributes.clone(),
+        identities: vec![super::decide::Identity {
+            kind: message.sender.kind.clone(),
+            address: message.sender.address.clone(),
+        }],
         contacts_last_24h: test.customer.contacts_last_24h.max(1),
         open_conversations: 1,
         channels_used: vec![message.channel.kind.clone()],

@@ -222,7 +222,11 @@ impl RuleSet {
         let mut hasher = Sha256::new();
 
         for (file, text) in files {
-            hasher.update(file.as_bytes());
+            // The name, not the path: the same files give the same version wherever they are.
+            let name = Path::new(file)
+                .file_name()
+                .map_or_else(|| file.clone(), |n| n.to_string_lossy().into_owned());
+            hasher.update(name.as_bytes());
             hasher.update([0]);
             hasher.update(text.as_bytes());
             hasher.update([0]);

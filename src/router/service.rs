@@ -121,45 +121,48 @@ impl Router {
     ///
     /// Batches are pipelined: while the bus commits batch N, batch N+1 (whatever the consumer
     /// already holds) is decided and recorded in the store. Its publish waits for N's commit.
+    ///
+    /// A store failure keeps the batch in hand and retries it with backoff: giving the
+    /// deliveries back would count against the queue's delivery limit, and an outage would turn
+    /// healthy messages into dead letters. A bus failure drops the session; the bus redelivers.
     pub async fn run(self, mut link: impl RouterLink, cancel: CancellationToken) {
         if failpoint_armed("router.paused") {
             warn!("Failpoint router.paused: the router does not consume.");
             cancel.cancelled().await;
             return;
         }
-        let mut failures = 0u32;
-        let mut carried: Option<Prepared> = None;
+        let mut bus_failures = 0u32;
+        let mut carried: Option<Carry> = None;
         loop {
-            let prepared = match carried.take() {
-                Some(prepared) => Ok(prepared),
-                None => {
-                    let batch = tokio::select! {
-                        () = cancel.cancelled() => break,
-                        batch = link.next_batch(MAX_BATCH) => batch,
-                    };
-                    match batch {
-                        Ok(batch) => self.prepare(batch).await,
-                        Err(error) => Err(error.to_string()),
+            let batch = match carried.take() {
+                Some(Carry::Prepared(prepared)) => Ok(Carry::Prepared(prepared)),
+                Some(Carry::Batch(batch)) => Ok(Carry::Batch(batch)),
+                None => tokio::select! {
+                    () = cancel.cancelled() => break,
+                    batch = link.next_batch(MAX_BATCH) => batch.map(Carry::Batch),
+                },
+            };
+            let prepared = match batch {
+                Ok(Carry::Prepared(prepared)) => prepared,
+                Ok(Carry::Batch(batch)) => match self.prepare_until_stored(&batch, &cancel).await {
+                    Some(prepared) => prepared,
+                    None => break,
+                },
+                Err(error) => {
+                    if !backoff(&mut bus_failures, &error.to_string(), &mut link, &cancel).await {
+                        break;
                     }
+                    continue;
                 }
             };
-            let result = match prepared {
-                Ok(prepared) => self.commit(&mut link, prepared, &cancel).await,
-                Err(error) => Err(error),
-            };
-            match result {
+            match self.commit(&mut link, prepared, &cancel).await {
                 Ok(next) => {
-                    failures = 0;
+                    bus_failures = 0;
                     carried = next;
                 }
                 Err(error) => {
-                    failures = failures.saturating_add(1);
-                    let delay = Duration::from_millis(100 * u64::from(failures.min(50)));
-                    warn!(%error, retry_in = ?delay, "Router could not complete a batch; its messages will be redelivered.");
-                    let _ = link.reset().await;
-                    tokio::select! {
-                        () = cancel.cancelled() => break,
-                        () = tokio::time::sleep(delay) => {}
+                    if !backoff(&mut bus_failures, &error, &mut link, &cancel).await {
+                        break;
                     }
                 }
             }
@@ -168,14 +171,39 @@ impl Router {
         info!("Router stopped.");
     }
 
-    /// Commits a prepared batch; meanwhile prepares the next one if the consumer holds any
-    /// (not once shutting down), and returns it.
+    /// Prepares a batch, retrying store failures with backoff; `None` once shutting down.
+    async fn prepare_until_stored(
+        &self,
+        batch: &[Delivery],
+        cancel: &CancellationToken,
+    ) -> Option<Prepared> {
+        let mut failures = 0u32;
+        loop {
+            match self.prepare(batch).await {
+                Ok(prepared) => return Some(prepared),
+                Err(error) => {
+                    failures = failures.saturating_add(1);
+                    let delay = Duration::from_millis(100 * u64::from(failures.min(50)));
+                    warn!(%error, retry_in = ?delay, "Router cannot record its batch; holding it and retrying.");
+                    metrics::counter!("switchboard_router_store_failures_total").increment(1);
+                    tokio::select! {
+                        () = cancel.cancelled() => return None,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Commits a prepared batch; meanwhile takes the next one if the consumer holds any (not
+    /// once shutting down) and prepares it. Returns what to continue with. An error is a bus
+    /// error: the batch in flight was not committed.
     async fn commit(
         &self,
         link: &mut impl RouterLink,
         prepared: Prepared,
         cancel: &CancellationToken,
-    ) -> Result<Option<Prepared>, String> {
+    ) -> Result<Option<Carry>, String> {
         failpoint("router.after_record");
         let Prepared {
             started,
@@ -194,8 +222,13 @@ impl Router {
         let (committed, next) = if next.is_empty() {
             (pending.await, None)
         } else {
-            let (committed, next) = tokio::join!(pending, self.prepare(next));
-            (committed, Some(next))
+            let (committed, prepared) = tokio::join!(pending, self.prepare(&next));
+            let carry = match prepared {
+                Ok(prepared) => Carry::Prepared(prepared),
+                // Retried at the top of the loop, with backoff.
+                Err(_) => Carry::Batch(next),
+            };
+            (committed, Some(carry))
         };
         committed.map_err(|e| e.to_string())?;
         let elapsed = started.elapsed().as_secs_f64();
@@ -208,12 +241,12 @@ impl Router {
             // committed message is never redelivered.
             warn!(%error, "Could not mark decisions published.");
         }
-        next.transpose()
+        Ok(next)
     }
 
     /// Decides and records a batch in one store transaction; returns what to publish and
     /// acknowledge. A failure leaves the whole batch unacknowledged.
-    async fn prepare(&self, batch: Vec<Delivery>) -> Result<Prepared, String> {
+    async fn prepare(&self, batch: &[Delivery]) -> Result<Prepared, String> {
         let started = Instant::now();
         let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
         let mut to_route = Vec::new();
@@ -300,6 +333,30 @@ impl Router {
     }
 }
 
+/// What the loop continues with: a batch taken, or one already decided and recorded.
+enum Carry {
+    Batch(Vec<Delivery>),
+    Prepared(Prepared),
+}
+
+/// After a bus failure: drop the session (the bus redelivers its messages), wait, go on.
+/// False once shutting down.
+async fn backoff(
+    failures: &mut u32,
+    error: &str,
+    link: &mut impl RouterLink,
+    cancel: &CancellationToken,
+) -> bool {
+    *failures = failures.saturating_add(1);
+    let delay = Duration::from_millis(100 * u64::from((*failures).min(50)));
+    warn!(%error, retry_in = ?delay, "Router lost its bus session; unacknowledged messages will be redelivered.");
+    let _ = link.reset().await;
+    tokio::select! {
+        () = cancel.cancelled() => false,
+        () = tokio::time::sleep(delay) => true,
+    }
+}
+
 /// A batch decided and recorded, waiting for its bus commit.
 struct Prepared {
     started: Instant,
@@ -330,6 +387,10 @@ fn route(rules: &RuleSet, message: &NormalizedMessage, resolved: &Resolved) -> R
         },
         &|_| 0,
     );
+    for error in &decision.explanation.errors {
+        debug!(rule = %error.id, error = %error.error, "Rule failed to evaluate; counted as not matched.");
+        metrics::counter!("switchboard_rule_errors_total", "rule" => error.id.clone()).increment(1);
+    }
     info!(
         conversation_id = %resolved.conversation.id,
         queue = %decision.queue,

@@ -359,7 +359,7 @@ async fn route_in(
                 contacts_last_24h: customer.recent.saturating_add(1),
                 open_conversations: customer.open_conversations.max(1),
                 previous_agent: conversation.agent_id.clone(),
-                channels_used: conversation.channels.clone(),
+                channels_used: with(&conversation.channels, &message.channel.kind),
             },
             conversation: ConversationView {
                 id: conversation.id.clone(),
@@ -524,6 +524,15 @@ async fn route_in(
     .execute(&mut *connection)
     .await?;
     Ok(outcomes)
+}
+
+/// `channels` plus `kind`, if not there yet.
+fn with(channels: &[String], kind: &str) -> Vec<String> {
+    let mut channels = channels.to_vec();
+    if !channels.iter().any(|c| c == kind) {
+        channels.push(kind.to_owned());
+    }
+    channels
 }
 
 fn stored_decision(row: &sqlx::sqlite::SqliteRow) -> StoredDecision {

@@ -307,8 +307,18 @@ fn choose_queue(
             explanation.queue_reason = if required.is_empty() {
                 format!("no skill required; `{}` serves the language", queue.name)
             } else if ties > 1 {
+                let loads: Vec<u64> = eligible
+                    .iter()
+                    .filter(|(extra, _)| Some(*extra) == best.map(|b| b.0))
+                    .map(|(_, q)| load(&q.name))
+                    .collect();
+                let tie_break = if loads.iter().all(|l| *l == loads[0]) {
+                    "first in file order"
+                } else {
+                    "lightest load"
+                };
                 format!(
-                    "closest skill match for {}; lightest load of {ties} equal queues",
+                    "closest skill match for {}; {tie_break} of {ties} equal queues",
                     required.join(", ")
                 )
             } else {
