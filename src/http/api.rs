@@ -78,21 +78,21 @@ pub struct ClaimQuery {
     lease: Option<f64>,
 }
 
+/// A seconds parameter within `0..=max`, or the message saying why not.
 fn seconds(
     value: Option<f64>,
     default: Duration,
     max: Duration,
     name: &str,
-) -> Result<Duration, Response> {
+) -> Result<Duration, String> {
     match value {
         None => Ok(default),
         Some(s) if s.is_finite() && s >= 0.0 && s <= max.as_secs_f64() => {
             Ok(Duration::from_secs_f64(s))
         }
-        Some(_) => Err(error(
-            StatusCode::BAD_REQUEST,
-            "invalid_parameter",
-            format!("`{name}` must be between 0 and {} seconds", max.as_secs()),
+        Some(_) => Err(format!(
+            "`{name}` must be between 0 and {} seconds",
+            max.as_secs()
         )),
     }
 }
@@ -117,9 +117,10 @@ pub async fn claim(
             format!("no queue `{queue}` in the routing rules"),
         );
     }
+    let invalid = |message: String| error(StatusCode::BAD_REQUEST, "invalid_parameter", message);
     let wait = match seconds(query.wait, Duration::ZERO, MAX_WAIT, "wait") {
         Ok(wait) => wait,
-        Err(response) => return response,
+        Err(message) => return invalid(message),
     };
     let lease = match seconds(query.lease, DEFAULT_LEASE, MAX_LEASE, "lease") {
         Ok(lease) if !lease.is_zero() => lease,
@@ -130,7 +131,7 @@ pub async fn claim(
                 "`lease` must be above 0",
             );
         }
-        Err(response) => return response,
+        Err(message) => return invalid(message),
     };
     match state.bus.claim(&queue, wait, lease, &state.shutdown).await {
         Ok(Some(claimed)) => {
