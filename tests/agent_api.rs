@@ -306,3 +306,99 @@ async fn single_node_kill_9_loses_nothing_and_assigns_nothing_twice() {
         assert!(ids.contains(&id));
     }
 }
+
+/// No config file at all: single-node defaults, an unsigned web chat channel, and the API token
+/// in `admin-token` beside the database. Only the port is moved (by environment) so tests can
+/// run side by side.
+#[tokio::test]
+async fn zero_config_start_serves_routes_and_holds_assignments() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .arg("run")
+        .current_dir(dir.path())
+        .env("SWITCHBOARD__HTTP__LISTEN", format!("127.0.0.1:{port}"))
+        .env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(dir.path().join("log")).unwrap())
+        .spawn()
+        .unwrap();
+    let http = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut ready = false;
+    for _ in 0..200 {
+        if http
+            .get(format!("{base}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+        {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let log = || std::fs::read_to_string(dir.path().join("log")).unwrap_or_default();
+    assert!(ready, "{}", log());
+    let response = http
+        .post(format!("{base}/webhooks/webchat"))
+        .body(chat("m-zero", "v", "hello"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let token =
+        std::fs::read_to_string(dir.path().join("admin-token")).expect("admin-token written");
+    let response = http
+        .post(format!("{base}/api/v1/queues/general/claim?wait=5"))
+        .bearer_auth(token.trim())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let claimed: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(
+        claimed["assignment"]["data"]["message"]["external_id"],
+        "m-zero"
+    );
+    assert!(dir.path().join("switchboard.db").is_file());
+    let log = log();
+    assert!(
+        log.contains("Mode: single node, embedded bus in the store (no broker)."),
+        "{log}"
+    );
+    assert!(
+        log.contains(
+            &dir.path()
+                .canonicalize()
+                .unwrap()
+                .join("switchboard.db")
+                .display()
+                .to_string()
+        ),
+        "{log}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[tokio::test]
+async fn a_missing_data_directory_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .arg("run")
+        .current_dir(dir.path())
+        .env("STATE_DIRECTORY", "/nonexistent/switchboard-state")
+        .env(
+            "SWITCHBOARD__HTTP__LISTEN",
+            format!("127.0.0.1:{}", free_port()),
+        )
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("the data directory /nonexistent/switchboard-state does not exist"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
