@@ -57,11 +57,17 @@ pub async fn handle(
 }
 
 fn too_large(limit: usize) -> Response {
-    reply(WebhookResponse::error(
+    let mut response = reply(WebhookResponse::error(
         StatusCode::PAYLOAD_TOO_LARGE,
         "body_too_large",
         format!("the body is larger than this channel's limit of {limit} bytes"),
-    ))
+    ));
+    // The rest of the body is not read: the connection cannot carry another request.
+    response.headers_mut().insert(
+        axum::http::header::CONNECTION,
+        axum::http::HeaderValue::from_static("close"),
+    );
+    response
 }
 
 fn reply(response: WebhookResponse) -> Response {

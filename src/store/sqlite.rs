@@ -13,7 +13,7 @@ use serde_json::{Map, Value, json};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{Row, SqliteConnection};
+use sqlx::{QueryBuilder, Row as _, Sqlite, SqliteConnection};
 use switchboard_channel::NormalizedMessage;
 use uuid::Uuid;
 
@@ -303,8 +303,7 @@ async fn route_in(
     let mut outcomes = Vec::with_capacity(messages.len());
     let mut touched: Vec<String> = Vec::new();
     let mut new_identities: Vec<(String, String, String)> = Vec::new();
-    let mut message_rows = Vec::new();
-    let mut decision_rows = Vec::new();
+    let mut rows: Vec<Row<'_>> = Vec::new();
     let mut decided: HashMap<(String, String), StoredDecision> = HashMap::new();
     for message in messages {
         let key = (message.channel.id.clone(), message.external_id.clone());
@@ -379,23 +378,16 @@ async fn route_in(
         if !touched.contains(&customer_id) {
             touched.push(customer_id.clone());
         }
-        message_rows.push(json!({
-            "channel_id": message.channel.id,
-            "external_id": message.external_id,
-            "message_id": message.message_id.to_string(),
-            "conversation_id": conversation.id,
-            "customer_id": customer_id,
-            "envelope": serde_json::to_string(message)?,
-        }));
-        decision_rows.push(json!({
-            "channel_id": message.channel.id,
-            "external_id": message.external_id,
-            "conversation_id": conversation.id,
-            "queue": routed.queue,
-            "urgency": routed.urgency,
-            "priority": routed.priority,
-            "assignment": routed.assignment,
-        }));
+        rows.push(Row {
+            message,
+            conversation_id: conversation.id.clone(),
+            customer_id: customer_id.clone(),
+            envelope: serde_json::to_string(message)?,
+            queue: routed.queue.clone(),
+            urgency: routed.urgency,
+            priority: routed.priority,
+            assignment: routed.assignment.clone(),
+        });
         let stored = StoredDecision {
             assignment: routed.assignment.clone(),
             queue: routed.queue.clone(),
@@ -409,7 +401,7 @@ async fn route_in(
             assignment: routed.assignment,
         });
     }
-    if message_rows.is_empty() {
+    if rows.is_empty() {
         return Ok(outcomes);
     }
 
@@ -501,29 +493,58 @@ async fn route_in(
         .execute(&mut *connection)
         .await?;
     }
-    sqlx::query(
-        "INSERT INTO messages (channel_id, external_id, message_id, conversation_id, customer_id,
-                               direction, envelope, received_at)
-         SELECT value ->> 'channel_id', value ->> 'external_id', value ->> 'message_id',
-                value ->> 'conversation_id', value ->> 'customer_id', 'inbound', value ->> 'envelope', ?1
-         FROM jsonb_each(?2)",
-    )
-    .bind(now_ms)
-    .bind(Value::Array(message_rows).to_string())
-    .execute(&mut *connection)
-    .await?;
-    sqlx::query(
-        "INSERT INTO decisions (channel_id, external_id, conversation_id, queue, urgency, priority,
-                                assignment, decided_at)
-         SELECT value ->> 'channel_id', value ->> 'external_id', value ->> 'conversation_id',
-                value ->> 'queue', value ->> 'urgency', value ->> 'priority', value ->> 'assignment', ?1
-         FROM jsonb_each(?2)",
-    )
-    .bind(now_ms)
-    .bind(Value::Array(decision_rows).to_string())
-    .execute(&mut *connection)
-    .await?;
+    // The large texts (envelope, assignment) are bound as parameters, not wrapped in JSON:
+    // no escaping on our side and no JSON parsing on SQLite's.
+    for chunk in rows.chunks(ROWS_PER_INSERT) {
+        let mut insert = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO messages (channel_id, external_id, message_id, conversation_id, customer_id,
+                                   direction, envelope, received_at) ",
+        );
+        insert.push_values(chunk, |mut values, row| {
+            values
+                .push_bind(&row.message.channel.id)
+                .push_bind(&row.message.external_id)
+                .push_bind(row.message.message_id.to_string())
+                .push_bind(&row.conversation_id)
+                .push_bind(&row.customer_id)
+                .push_bind("inbound")
+                .push_bind(&row.envelope)
+                .push_bind(now_ms);
+        });
+        insert.build().execute(&mut *connection).await?;
+        let mut insert = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO decisions (channel_id, external_id, conversation_id, queue, urgency,
+                                    priority, assignment, decided_at) ",
+        );
+        insert.push_values(chunk, |mut values, row| {
+            values
+                .push_bind(&row.message.channel.id)
+                .push_bind(&row.message.external_id)
+                .push_bind(&row.conversation_id)
+                .push_bind(&row.queue)
+                .push_bind(i64::from(row.urgency))
+                .push_bind(i64::from(row.priority))
+                .push_bind(&row.assignment)
+                .push_bind(now_ms);
+        });
+        insert.build().execute(&mut *connection).await?;
+    }
     Ok(outcomes)
+}
+
+/// Rows per multi-row INSERT (8 parameters each, well under SQLite's limit of 32,766).
+const ROWS_PER_INSERT: usize = 256;
+
+/// One routed message, as written.
+struct Row<'a> {
+    message: &'a NormalizedMessage,
+    conversation_id: String,
+    customer_id: String,
+    envelope: String,
+    queue: String,
+    urgency: u8,
+    priority: u8,
+    assignment: String,
 }
 
 /// `channels` plus `kind`, if not there yet.
