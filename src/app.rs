@@ -20,6 +20,7 @@ use crate::bus::embedded::EmbeddedBus;
 use crate::channels::ChannelAdapter;
 use crate::config::Loaded;
 use crate::http::{AppState, ChannelEntry};
+use crate::reload::Reloader;
 use crate::router::rules::RuleSet;
 use crate::router::service::Router;
 use crate::store::{self, SqliteStore, Store};
@@ -132,11 +133,20 @@ pub async fn run(loaded: Loaded, rules_override: Option<PathBuf>) -> anyhow::Res
     };
     intake_tasks.spawn(router.run_on_own_thread(bus.router_link(), intake.clone()));
 
+    let reloader = Arc::new(Reloader::new(rules.clone(), rules_dir.clone(), bus.clone()));
+    if config.routing.watch
+        && rules_dir.is_dir()
+        && let Some(watch) = reloader.clone().watch(intake.clone())
+    {
+        intake_tasks.spawn(watch);
+    }
+
     let state = Arc::new(AppState {
         channels,
         bus: bus.clone(),
         store: store.clone(),
         rules: rules.clone(),
+        reloader: reloader.clone(),
         admin_token: config.http.admin_token.clone(),
         metrics,
         shutdown: intake.clone(),
@@ -154,7 +164,7 @@ pub async fn run(loaded: Loaded, rules_override: Option<PathBuf>) -> anyhow::Res
         }
     });
 
-    wait_for_shutdown(&rules, &rules_dir, &bus).await;
+    wait_for_shutdown(&reloader).await;
 
     info!(deadline = ?config.daemon.shutdown_timeout, "Shutting down: intake stopped, draining.");
     intake.cancel();
@@ -220,7 +230,7 @@ fn redact(url: &str) -> String {
 }
 
 /// Serves signals until SIGTERM or SIGINT; SIGHUP reloads the rules.
-async fn wait_for_shutdown(rules: &Arc<ArcSwap<RuleSet>>, dir: &std::path::Path, bus: &Bus) {
+async fn wait_for_shutdown(reloader: &Reloader) {
     let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
@@ -235,31 +245,7 @@ async fn wait_for_shutdown(rules: &Arc<ArcSwap<RuleSet>>, dir: &std::path::Path,
             _ = int.recv() => { info!("SIGINT received."); return; }
             _ = hup.recv() => {
                 info!("SIGHUP received: reloading the routing rules.");
-                reload(rules, dir, bus).await;
-            }
-        }
-    }
-}
-
-/// Loads and validates the whole rule set; swaps it in only if valid.
-pub async fn reload(rules: &Arc<ArcSwap<RuleSet>>, dir: &std::path::Path, bus: &Bus) {
-    match RuleSet::load_dir(dir) {
-        Ok(next) => {
-            // An assignment to a queue the broker does not have would be dropped: new queues
-            // must exist before the rules that route to them.
-            if let Err(error) = bus.declare_agent_queues(&next.queue_names()).await {
-                metrics::counter!("switchboard_rules_reload_failures_total").increment(1);
-                error!(%error, "Routing rules refused: their agent queues cannot be declared now; the previous rules keep routing. Reload again once the bus is back.");
-                return;
-            }
-            info!(version = %next.version, queues = next.queues.len(), rules = next.rules.len(), "Routing rules reloaded.");
-            metrics::counter!("switchboard_rules_reloads_total").increment(1);
-            rules.store(Arc::new(next));
-        }
-        Err(diagnostics) => {
-            metrics::counter!("switchboard_rules_reload_failures_total").increment(1);
-            for diagnostic in &diagnostics.0 {
-                error!(problem = %diagnostic, "Routing rules refused; the previous rules keep routing.");
+                reloader.reload().await;
             }
         }
     }

@@ -11,7 +11,8 @@
 //!   link.
 //! - [`store`]: customers, identities, conversations, messages, decisions (SQLite).
 //! - [`router`]: rule sets, the pure decision, rule tests, the routing service.
-//! - [`http`]: webhooks, health, metrics.
+//! - [`http`]: webhooks, health, metrics, the agent/admin API.
+//! - [`reload`]: rule reloads on SIGHUP and on file changes; the last refused reload.
 //! - [`telemetry`]: logs and metrics setup.
 
 pub mod app;
@@ -20,6 +21,7 @@ pub mod channels;
 pub mod cli;
 pub mod config;
 pub mod http;
+pub mod reload;
 pub mod router;
 pub mod store;
 pub mod telemetry;

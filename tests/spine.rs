@@ -196,6 +196,20 @@ async fn broker_outage_answers_503_and_the_retry_lands_once() {
     let ready = daemon.http.get(daemon.url("/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), 503, "not ready while the broker is away");
 
+    let metrics = daemon
+        .http
+        .get(daemon.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("switchboard_publish_failures_total{stage=\"inbound\"} 1"),
+        "{metrics}"
+    );
+
     proxy.set_down(false);
     daemon.wait_ready().await;
     let (status, accepted) = daemon.post("chat", &body).await;
@@ -469,6 +483,9 @@ async fn sighup_reloads_rules_and_a_bad_set_keeps_the_old_one(backend: Backend) 
     write_rules(rules.path(), &[("10-queues.toml", queues)]);
     let mut config = DaemonConfig::on(backend, &prefix);
     config.rules = rules.path().to_path_buf();
+    config
+        .env
+        .push(("SWITCHBOARD__ROUTING__WATCH".to_owned(), "false".to_owned()));
     let daemon = Daemon::start(config).await;
     daemon.wait_ready().await;
 
@@ -531,5 +548,103 @@ async fn sighup_reloads_rules_and_a_bad_set_keeps_the_old_one(backend: Backend) 
     ] {
         assert!(metrics.contains(name), "{name} missing from:\n{metrics}");
     }
+    daemon.cleanup(&["general", "sales"]).await;
+}
+
+on_both_buses!(editing_a_rule_file_reroutes_within_two_seconds_and_a_broken_edit_is_refused);
+
+async fn editing_a_rule_file_reroutes_within_two_seconds_and_a_broken_edit_is_refused(
+    backend: Backend,
+) {
+    let prefix = prefix("watch");
+    let rules = tempfile::tempdir().unwrap();
+    let queues = "[[queue]]\nname = \"general\"\ndefault = true\n\n[[queue]]\nname = \"sales\"\nskills = [\"sales\"]\n";
+    write_rules(rules.path(), &[("10-queues.toml", queues)]);
+    let mut config = DaemonConfig::on(backend, &prefix);
+    config.rules = rules.path().to_path_buf();
+    let daemon = Daemon::start(config).await;
+    daemon.wait_ready().await;
+    let api = |path: &str| {
+        daemon
+            .http
+            .get(daemon.url(path))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+    };
+    let before: serde_json::Value = api("/api/v1/rules").await.unwrap().json().await.unwrap();
+
+    // An editor saving by rename: write a temporary file, then move it into place.
+    let rule = "[[rule]]\nid = \"buy\"\nwhen = 'message.text.contains(\"buy\")'\nrequire_skills = [\"sales\"]\n";
+    std::fs::write(rules.path().join(".20-rules.toml.tmp"), rule).unwrap();
+    std::fs::rename(
+        rules.path().join(".20-rules.toml.tmp"),
+        rules.path().join("20-rules.toml"),
+    )
+    .unwrap();
+    let edited = Instant::now();
+    loop {
+        let now: serde_json::Value = api("/api/v1/rules").await.unwrap().json().await.unwrap();
+        if now["version"] != before["version"] {
+            break;
+        }
+        assert!(
+            edited.elapsed() < Duration::from_secs(2),
+            "not reloaded within 2 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "{backend:?}: rules reloaded {:?} after the edit",
+        edited.elapsed()
+    );
+    daemon
+        .post("chat", &chat("m-1", "v", "I want to buy"))
+        .await;
+    let sales = daemon.assignments("sales", 1, Duration::from_secs(5)).await;
+    assert_eq!(sales.len(), 1, "the edited rule routes the next message");
+
+    std::fs::write(
+        rules.path().join("20-rules.toml"),
+        "[[rule]]\nid = \"buy\"\nwhen = 'message.text.contains('\n",
+    )
+    .unwrap();
+    let broken = Instant::now();
+    let failure = loop {
+        let now: serde_json::Value = api("/api/v1/rules").await.unwrap().json().await.unwrap();
+        if !now["last_error"].is_null() {
+            break now;
+        }
+        assert!(
+            broken.elapsed() < Duration::from_secs(2),
+            "the broken edit was not noticed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let problems = failure["last_error"]["problems"].as_array().unwrap();
+    let file = rules.path().join("20-rules.toml").display().to_string();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.as_str().unwrap().starts_with(&format!("{file}:3:"))),
+        "{failure}"
+    );
+    daemon
+        .post("chat", &chat("m-2", "v", "I want to buy"))
+        .await;
+    let sales = daemon.assignments("sales", 1, Duration::from_secs(5)).await;
+    assert_eq!(sales.len(), 1, "the previous rules still route");
+    let metrics = daemon
+        .http
+        .get(daemon.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("switchboard_rules_reload_failures_total 1"),
+        "{metrics}"
+    );
     daemon.cleanup(&["general", "sales"]).await;
 }

@@ -209,6 +209,8 @@ impl AmqpBus {
     /// Publishes a normalized message to `<p>.inbound` and waits for the broker's confirm.
     pub async fn publish_inbound(&self, message: &NormalizedMessage) -> Result<(), PublishError> {
         if !self.is_connected() {
+            metrics::counter!("switchboard_publish_failures_total", "stage" => "inbound")
+                .increment(1);
             return Err(PublishError::Unavailable(
                 "not connected to RabbitMQ".into(),
             ));

@@ -101,12 +101,15 @@ pub struct RoutingConfig {
     /// Directory of routing rule files (`*.toml`, loaded in lexical order). Relative paths are
     /// taken from the directory of the config file.
     pub rules: PathBuf,
+    /// Reload the rules when a file in the directory changes. Off: only SIGHUP reloads.
+    pub watch: bool,
 }
 
 impl Default for RoutingConfig {
     fn default() -> Self {
         Self {
             rules: PathBuf::from("routing-rules"),
+            watch: true,
         }
     }
 }

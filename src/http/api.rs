@@ -195,6 +195,7 @@ pub async fn rules(State(state): State<Arc<AppState>>) -> Response {
         "queues": rules.queue_names(),
         "rules": rules.rules.len(),
         "tests": rules.tests.len(),
+        "last_error": state.reloader.last_failure(),
     }))
     .into_response()
 }

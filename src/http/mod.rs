@@ -33,6 +33,7 @@ pub struct AppState {
     pub bus: Bus,
     pub store: Arc<dyn Store>,
     pub rules: Arc<ArcSwap<RuleSet>>,
+    pub reloader: Arc<crate::reload::Reloader>,
     pub admin_token: Option<String>,
     pub metrics: Option<PrometheusHandle>,
     /// Cancelled at shutdown: long polls answer at once.
