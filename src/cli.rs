@@ -11,7 +11,7 @@ use switchboard_channel::{ChannelRef, CloudEvent, NormalizedMessage};
 
 use crate::config::{self, Loaded};
 use crate::router::check::run_tests;
-use crate::router::decide::{ConversationView, CustomerView, Identity, Input, Signals, decide};
+use crate::router::decide::{ConversationView, CustomerView, Identity, Input, decide};
 use crate::router::rules::RuleSet;
 
 #[derive(Debug, Parser)]
@@ -185,7 +185,7 @@ pub fn explain(
         new: true,
         ..ConversationView::default()
     };
-    let signals = Signals::from_message(&message);
+    let signals = rules.model.compute(&message, customer.contacts_last_24h);
     let decision = decide(
         &rules,
         &Input {

@@ -4,7 +4,7 @@ use serde_json::json;
 use switchboard_channel::{ChannelRef, NormalizedMessage, Sender};
 use time::OffsetDateTime;
 
-use super::decide::{ConversationView, CustomerView, Input, Signals, decide};
+use super::decide::{ConversationView, CustomerView, Input, decide};
 use super::rules::{RuleSet, RuleTest};
 
 /// A failed test, ready to print.
@@ -98,7 +98,7 @@ fn run_one(rules: &RuleSet, test: &RuleTest) -> Vec<String> {
         new: true,
         ..ConversationView::default()
     };
-    let signals = Signals::from_message(&message);
+    let signals = rules.model.compute(&message, customer.contacts_last_24h);
     let decision = decide(
         rules,
         &Input {

@@ -7,3 +7,4 @@ pub mod decide;
 pub mod functions;
 pub mod rules;
 pub mod service;
+pub mod signals;

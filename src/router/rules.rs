@@ -157,6 +157,8 @@ pub struct RuleSet {
     /// Index into `queues` of the catch-all.
     pub default_queue: usize,
     pub(crate) env: Arc<cel::Env>,
+    /// Language detection, keyword lexicon and signal weights.
+    pub model: super::signals::SignalModel,
     /// SHA-256 over the files' names and contents, hex; changes with any edit.
     pub version: String,
     pub loaded_at: OffsetDateTime,
@@ -219,6 +221,8 @@ impl RuleSet {
         let mut queue_refs: Vec<(String, Location, &'static str)> = Vec::new();
         let mut rules = Vec::new();
         let mut tests = Vec::new();
+        let mut keywords: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut weights: Option<(super::signals::Weights, Location)> = None;
         let mut hasher = Sha256::new();
 
         for (file, text) in files {
@@ -247,6 +251,20 @@ impl RuleSet {
                     continue;
                 }
             };
+
+            for (language, words) in parsed.keywords {
+                keywords.entry(language).or_default().extend(words);
+            }
+            if let Some(spanned) = parsed.signals {
+                let location = at(spanned.span().start);
+                if let Some((_, first)) = &weights {
+                    diagnostics.push(location.diagnostic(format!(
+                        "[signals] is already defined at {first}: define the weights once"
+                    )));
+                } else {
+                    weights = Some((spanned.into_inner(), location));
+                }
+            }
 
             for spanned in parsed.queue {
                 let location = at(spanned.span().start);
@@ -411,9 +429,32 @@ impl RuleSet {
             }
         }
 
-        if !diagnostics.is_empty() {
+        let languages: Vec<String> = queues
+            .iter()
+            .flat_map(|(q, _)| q.languages.iter().cloned())
+            .collect();
+        let model = match super::signals::SignalModel::new(
+            &languages,
+            keywords,
+            weights.map(|(w, _)| w).unwrap_or_default(),
+        ) {
+            Ok(model) => Some(model),
+            Err(message) => {
+                diagnostics.push(Diagnostic {
+                    file: files
+                        .first()
+                        .map_or_else(|| "<rules>".to_owned(), |f| f.0.clone()),
+                    line: 0,
+                    col: 0,
+                    message,
+                });
+                None
+            }
+        };
+
+        let Some(model) = model.filter(|_| diagnostics.is_empty()) else {
             return Err(Diagnostics(diagnostics));
-        }
+        };
         let default_queue = queues
             .iter()
             .position(|(q, _)| q.default)
@@ -424,6 +465,7 @@ impl RuleSet {
             tests,
             default_queue,
             env,
+            model,
             version: hex::encode(hasher.finalize()),
             loaded_at: OffsetDateTime::now_utc(),
             source: PathBuf::new(),
@@ -489,6 +531,12 @@ impl fmt::Display for Location {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RuleFile {
+    /// Urgent keywords per language (ISO 639-1): `en = ["urgent", "asap"]`.
+    #[serde(default)]
+    keywords: BTreeMap<String, Vec<String>>,
+    /// Urgency weights of the signals.
+    #[serde(default)]
+    signals: Option<Spanned<super::signals::Weights>>,
     #[serde(default)]
     queue: Vec<Spanned<QueueDef>>,
     #[serde(default)]

@@ -23,7 +23,7 @@ use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, info_span, warn};
 
-use super::decide::{Decision, Identity, Input, Signals, decide};
+use super::decide::{Decision, Identity, Input, decide};
 use super::rules::RuleSet;
 use crate::bus::{Assignment, Delivery, Outcome, RouterLink};
 use crate::store::{Resolved, RouteOutcome, Routed, Store};
@@ -376,7 +376,9 @@ fn parse(delivery: &Delivery) -> Result<NormalizedMessage, String> {
 
 /// The pure part of routing one message: signals, decision, assignment JSON.
 fn route(rules: &RuleSet, message: &NormalizedMessage, resolved: &Resolved) -> Routed {
-    let signals = Signals::from_message(message);
+    let signals = rules
+        .model
+        .compute(message, resolved.customer.contacts_last_24h);
     let decision = decide(
         rules,
         &Input {

@@ -52,6 +52,11 @@ pub struct Signals {
     pub caps_ratio: f64,
     pub exclamations: u32,
     pub attachments: u32,
+    /// Earlier contacts by this customer in the last 24 hours.
+    pub repeat_contacts: u32,
+    /// Letters in the text (for `caps_ratio`'s weight).
+    #[serde(skip)]
+    pub letters: u32,
 }
 
 impl Signals {
@@ -77,6 +82,7 @@ impl Signals {
                 .try_into()
                 .unwrap_or(u32::MAX),
             attachments: message.attachments.len().try_into().unwrap_or(u32::MAX),
+            letters,
             ..Signals::default()
         }
     }
@@ -234,6 +240,10 @@ pub fn decide(rules: &RuleSet, input: &Input<'_>, load: &dyn Fn(&str) -> u64) ->
         }
     }
 
+    for (name, points) in rules.model.urgency_terms(input.signals) {
+        urgency_sum = urgency_sum.saturating_add(points);
+        explanation.urgency.insert(name.to_owned(), points);
+    }
     let urgency = u8::try_from(urgency_sum.clamp(0, 100)).unwrap_or(100);
     explanation
         .urgency

@@ -320,3 +320,58 @@ fn signals_from_message_text() {
     assert_eq!(s.exclamations, 3);
     assert_eq!(Signals::from_message(&message("123")).caps_ratio, 0.0);
 }
+
+#[test]
+fn signal_weights_add_explained_urgency_terms() {
+    let rules = RuleSet::from_sources(&[
+        (
+            "q.toml".into(),
+            "[[queue]]\nname = \"general\"\ndefault = true\nlanguages = [\"en\", \"de\"]\n".into(),
+        ),
+        (
+            "signals.toml".into(),
+            "[keywords]\nen = [\"urgent\"]\nde = [\"dringend\"]\n\n[signals]\nurgent_keyword = 15\nnegative_sentiment = 20\nrepeat_contact = 5\n".into(),
+        ),
+    ])
+    .unwrap_or_else(|d| panic!("{d}"));
+    let mut case =
+        Case::new("This is urgent and honestly the worst, terrible service I have ever had.");
+    case.customer.contacts_last_24h = 3;
+    case.signals = rules
+        .model
+        .compute(&case.message, case.customer.contacts_last_24h);
+    assert_eq!(case.signals.language, "en");
+    let d = case.decide(&rules);
+    let terms = &d.explanation.urgency;
+    assert_eq!(terms["signal:urgent_keywords"], 15);
+    assert_eq!(terms["signal:repeat_contacts"], 10);
+    assert!(terms["signal:negative_sentiment"] > 10, "{terms:?}");
+    assert_eq!(i64::from(d.urgency), terms["total"]);
+    assert_eq!(
+        terms["total"],
+        terms["signal:urgent_keywords"]
+            + terms["signal:repeat_contacts"]
+            + terms["signal:negative_sentiment"]
+    );
+    assert_eq!(d.language.as_deref(), Some("en"));
+}
+
+#[test]
+fn signal_tables_are_validated() {
+    let errors = RuleSet::from_sources(&[
+        (
+            "q.toml".into(),
+            "[[queue]]\nname = \"general\"\ndefault = true\nlanguages = [\"en\", \"klingon\"]\n"
+                .into(),
+        ),
+        ("a.toml".into(), "[signals]\nurgent_keyword = 1\n".into()),
+        ("b.toml".into(), "[signals]\nshoutin = 1\n".into()),
+    ])
+    .unwrap_err()
+    .to_string();
+    assert!(
+        errors.contains("b.toml:2:1: unknown field `shoutin`"),
+        "{errors}"
+    );
+    assert!(errors.contains("language `klingon`"), "{errors}");
+}

@@ -1,0 +1,384 @@
+//! Signals computed from a message before the rules run: detected language (restricted to the
+//! languages the queues declare), English sentiment, urgency keywords per language (the
+//! `[keywords]` lexicon in the rule files), shape (caps, exclamation marks), attachments, and
+//! repeat contacts. `[signals]` weights turn them into urgency points.
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+
+use serde::{Deserialize, Serialize};
+use switchboard_channel::NormalizedMessage;
+use vader_sentimental::SentimentIntensityAnalyzer;
+use whatlang::{Detector, Lang};
+
+use super::decide::Signals;
+
+/// Below this confidence the language counts as unknown (no language filter on queues).
+const MIN_LANGUAGE_CONFIDENCE: f64 = 0.3;
+
+/// `[signals]`: urgency points for each signal. Every weight defaults to 0 (no effect).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Weights {
+    /// Points at sentiment −1, scaled linearly: sentiment −0.5 gives half. Positive sentiment
+    /// adds nothing.
+    #[serde(default)]
+    pub negative_sentiment: i64,
+    /// Points per urgent keyword found (each keyword counts once).
+    #[serde(default)]
+    pub urgent_keyword: i64,
+    /// At most this many keywords count.
+    #[serde(default = "default_max_keywords")]
+    pub max_keywords: u32,
+    /// Points when more than half of the letters are capitals (and there are at least 8).
+    #[serde(default)]
+    pub shouting: i64,
+    /// Points when the message has two or more exclamation marks.
+    #[serde(default)]
+    pub exclamations: i64,
+    /// Points per earlier contact in the last 24 hours (at most 3 count).
+    #[serde(default)]
+    pub repeat_contact: i64,
+}
+
+fn default_max_keywords() -> u32 {
+    3
+}
+
+/// The language model of a rule set: which languages to tell apart, and the keyword lexicon.
+#[derive(Debug, Clone)]
+pub struct SignalModel {
+    detector: Option<Detector>,
+    /// ISO 639-1 → lowercase keywords.
+    keywords: BTreeMap<String, Vec<String>>,
+    pub weights: Weights,
+}
+
+impl SignalModel {
+    /// `languages`: ISO 639-1 codes the queues declare (`*` is ignored). Unknown codes are
+    /// returned as errors.
+    pub fn new(
+        languages: &[String],
+        keywords: BTreeMap<String, Vec<String>>,
+        weights: Weights,
+    ) -> Result<Self, String> {
+        let mut allow = Vec::new();
+        for code in languages.iter().filter(|l| l.as_str() != "*") {
+            let lang = lang_from_iso1(code)
+                .ok_or_else(|| format!("language `{code}` is not one Switchboard can detect (use ISO 639-1 codes such as en, de, es, fr)"))?;
+            if !allow.contains(&lang) {
+                allow.push(lang);
+            }
+        }
+        for code in keywords.keys() {
+            if lang_from_iso1(code).is_none() {
+                return Err(format!(
+                    "[keywords] language `{code}` is not an ISO 639-1 code Switchboard knows"
+                ));
+            }
+        }
+        let keywords = keywords
+            .into_iter()
+            .map(|(lang, words)| (lang, words.into_iter().map(|w| w.to_lowercase()).collect()))
+            .collect();
+        Ok(Self {
+            // One language cannot be told apart from anything: detect only between two or more.
+            detector: (allow.len() >= 2).then(|| Detector::with_allowlist(allow)),
+            keywords,
+            weights,
+        })
+    }
+
+    /// Every signal for `message`; `contacts_last_24h` counts this message.
+    pub fn compute(&self, message: &NormalizedMessage, contacts_last_24h: u32) -> Signals {
+        let mut signals = Signals::from_message(message);
+        signals.repeat_contacts = contacts_last_24h.saturating_sub(1);
+        let text = match &message.subject {
+            Some(subject) if !subject.is_empty() => format!("{subject}\n{}", message.text),
+            _ => message.text.clone(),
+        };
+        if let Some(info) = self.detector.as_ref().and_then(|d| d.detect(&text))
+            && info.confidence() >= MIN_LANGUAGE_CONFIDENCE
+            && let Some(code) = iso1(info.lang())
+        {
+            signals.language = code.to_owned();
+            signals.language_confidence = info.confidence();
+        }
+        if signals.language.is_empty() || signals.language == "en" {
+            signals.sentiment = analyzer().polarity_scores(&text).compound;
+        }
+        let lowered = text.to_lowercase();
+        let lexicons: Vec<&Vec<String>> = if signals.language.is_empty() {
+            self.keywords.values().collect()
+        } else {
+            self.keywords.get(&signals.language).into_iter().collect()
+        };
+        for keyword in lexicons.into_iter().flatten() {
+            if contains_word(&lowered, keyword) && !signals.urgent_keywords.contains(keyword) {
+                signals.urgent_keywords.push(keyword.clone());
+            }
+        }
+        signals
+    }
+
+    /// The urgency terms the signals earn, by name (`signal:<name>`), zero terms left out.
+    pub fn urgency_terms(&self, signals: &Signals) -> Vec<(&'static str, i64)> {
+        let w = &self.weights;
+        let keywords =
+            i64::try_from(signals.urgent_keywords.len().min(w.max_keywords as usize)).unwrap_or(0);
+        let negativity = (-signals.sentiment).clamp(0.0, 1.0);
+        let terms = [
+            (
+                "signal:negative_sentiment",
+                (w.negative_sentiment as f64 * negativity).round() as i64,
+            ),
+            (
+                "signal:urgent_keywords",
+                w.urgent_keyword.saturating_mul(keywords),
+            ),
+            (
+                "signal:shouting",
+                if signals.shouting() { w.shouting } else { 0 },
+            ),
+            (
+                "signal:exclamations",
+                if signals.exclamations >= 2 {
+                    w.exclamations
+                } else {
+                    0
+                },
+            ),
+            (
+                "signal:repeat_contacts",
+                w.repeat_contact
+                    .saturating_mul(i64::from(signals.repeat_contacts.min(3))),
+            ),
+        ];
+        terms
+            .into_iter()
+            .filter(|(_, points)| *points != 0)
+            .collect()
+    }
+}
+
+impl Signals {
+    /// More than half of at least 8 letters are capitals.
+    pub fn shouting(&self) -> bool {
+        self.letters >= 8 && self.caps_ratio > 0.5
+    }
+}
+
+fn analyzer() -> &'static SentimentIntensityAnalyzer<'static> {
+    static ANALYZER: OnceLock<SentimentIntensityAnalyzer<'static>> = OnceLock::new();
+    ANALYZER.get_or_init(SentimentIntensityAnalyzer::new)
+}
+
+/// `needle` in `haystack` as a whole word or phrase.
+fn contains_word(haystack: &str, needle: &str) -> bool {
+    haystack.match_indices(needle).any(|(start, _)| {
+        let before = haystack[..start].chars().next_back();
+        let after = haystack[start + needle.len()..].chars().next();
+        !before.is_some_and(char::is_alphanumeric) && !after.is_some_and(char::is_alphanumeric)
+    })
+}
+
+/// ISO 639-1 codes of the languages whatlang detects that support teams most often serve.
+const LANGUAGES: &[(&str, Lang)] = &[
+    ("en", Lang::Eng),
+    ("de", Lang::Deu),
+    ("es", Lang::Spa),
+    ("fr", Lang::Fra),
+    ("it", Lang::Ita),
+    ("pt", Lang::Por),
+    ("nl", Lang::Nld),
+    ("sv", Lang::Swe),
+    ("da", Lang::Dan),
+    ("nb", Lang::Nob),
+    ("fi", Lang::Fin),
+    ("pl", Lang::Pol),
+    ("cs", Lang::Ces),
+    ("ro", Lang::Ron),
+    ("hu", Lang::Hun),
+    ("tr", Lang::Tur),
+    ("ru", Lang::Rus),
+    ("uk", Lang::Ukr),
+    ("el", Lang::Ell),
+    ("ar", Lang::Ara),
+    ("he", Lang::Heb),
+    ("hi", Lang::Hin),
+    ("ja", Lang::Jpn),
+    ("ko", Lang::Kor),
+    ("zh", Lang::Cmn),
+    ("vi", Lang::Vie),
+    ("th", Lang::Tha),
+    ("id", Lang::Ind),
+];
+
+pub fn lang_from_iso1(code: &str) -> Option<Lang> {
+    LANGUAGES.iter().find(|(c, _)| *c == code).map(|(_, l)| *l)
+}
+
+fn iso1(lang: Lang) -> Option<&'static str> {
+    LANGUAGES.iter().find(|(_, l)| *l == lang).map(|(c, _)| *c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchboard_channel::{ChannelRef, Sender};
+
+    fn message(text: &str) -> NormalizedMessage {
+        NormalizedMessage {
+            message_id: NormalizedMessage::stable_id("c", text),
+            channel: ChannelRef {
+                id: "c".into(),
+                kind: "webchat".into(),
+            },
+            external_id: text.into(),
+            thread_key: None,
+            sender: Sender {
+                kind: "webchat".into(),
+                address: "v".into(),
+                name: None,
+            },
+            subject: None,
+            text: text.into(),
+            attachments: vec![],
+            received_at: time::OffsetDateTime::UNIX_EPOCH,
+            auto_submitted: false,
+            metadata: Default::default(),
+        }
+    }
+
+    fn model() -> SignalModel {
+        let languages = ["en", "de", "es", "fr"].map(String::from);
+        let keywords = BTreeMap::from([
+            (
+                "en".to_owned(),
+                vec!["urgent".to_owned(), "right now".to_owned()],
+            ),
+            ("de".to_owned(), vec!["dringend".to_owned()]),
+        ]);
+        let weights = Weights {
+            negative_sentiment: 20,
+            urgent_keyword: 10,
+            max_keywords: 3,
+            shouting: 5,
+            exclamations: 3,
+            repeat_contact: 4,
+        };
+        SignalModel::new(&languages, keywords, weights).unwrap()
+    }
+
+    #[test]
+    fn detects_the_declared_languages() {
+        let m = model();
+        for (text, lang) in [
+            (
+                "Hello, I have a question about my order from last week, can you help me?",
+                "en",
+            ),
+            (
+                "Hallo, ich habe eine Frage zu meiner Bestellung von letzter Woche.",
+                "de",
+            ),
+            (
+                "Hola, tengo una pregunta sobre mi pedido de la semana pasada.",
+                "es",
+            ),
+            (
+                "Bonjour, j'ai une question sur ma commande de la semaine dernière.",
+                "fr",
+            ),
+        ] {
+            let s = m.compute(&message(text), 1);
+            assert_eq!(s.language, lang, "{text}");
+            assert!(s.language_confidence >= MIN_LANGUAGE_CONFIDENCE);
+        }
+    }
+
+    #[test]
+    fn no_detection_without_two_declared_languages() {
+        let m = SignalModel::new(&["*".to_owned()], BTreeMap::new(), Weights::default()).unwrap();
+        assert_eq!(
+            m.compute(
+                &message("Hallo, ich habe eine Frage zu meiner Bestellung."),
+                1
+            )
+            .language,
+            ""
+        );
+    }
+
+    #[test]
+    fn unknown_language_codes_are_refused() {
+        assert!(
+            SignalModel::new(&["english".to_owned()], BTreeMap::new(), Weights::default()).is_err()
+        );
+        let bad = BTreeMap::from([("xx".to_owned(), vec!["a".to_owned()])]);
+        assert!(SignalModel::new(&[], bad, Weights::default()).is_err());
+    }
+
+    #[test]
+    fn sentiment_and_its_urgency() {
+        let m = model();
+        let angry = m.compute(
+            &message("This is terrible, the worst service ever. I hate it."),
+            1,
+        );
+        let happy = m.compute(&message("Thank you so much, great service, I love it!"), 1);
+        assert!(angry.sentiment < -0.5, "{}", angry.sentiment);
+        assert!(happy.sentiment > 0.5, "{}", happy.sentiment);
+        let terms = m.urgency_terms(&angry);
+        let points = terms
+            .iter()
+            .find(|(n, _)| *n == "signal:negative_sentiment")
+            .unwrap()
+            .1;
+        assert!((10..=20).contains(&points), "{points}");
+        assert!(
+            m.urgency_terms(&happy)
+                .iter()
+                .all(|(n, _)| *n != "signal:negative_sentiment")
+        );
+    }
+
+    #[test]
+    fn keywords_are_whole_words_of_the_detected_language() {
+        let m = model();
+        let s = m.compute(
+            &message("This is URGENT, please answer right now, my account is locked."),
+            1,
+        );
+        assert_eq!(s.urgent_keywords, vec!["urgent", "right now"]);
+        let s = m.compute(
+            &message("The insurgent group of words should not count as anything here."),
+            1,
+        );
+        assert!(s.urgent_keywords.is_empty(), "{:?}", s.urgent_keywords);
+        let s = m.compute(
+            &message("Bitte helfen Sie mir, es ist dringend, mein Konto ist gesperrt."),
+            1,
+        );
+        assert_eq!(s.urgent_keywords, vec!["dringend"]);
+    }
+
+    #[test]
+    fn shape_and_repeat_contact_terms() {
+        let m = model();
+        let s = m.compute(&message("WHERE IS MY ORDER!!"), 5);
+        assert!(s.shouting());
+        assert_eq!(s.repeat_contacts, 4);
+        let terms: BTreeMap<_, _> = m.urgency_terms(&s).into_iter().collect();
+        assert_eq!(terms["signal:shouting"], 5);
+        assert_eq!(terms["signal:exclamations"], 3);
+        assert_eq!(
+            terms["signal:repeat_contacts"], 12,
+            "at most 3 earlier contacts count"
+        );
+        assert!(
+            !m.compute(&message("OK!!"), 1).shouting(),
+            "too short to shout"
+        );
+    }
+}
