@@ -1,0 +1,145 @@
+//! The pure decision core: decisions per second on one core with 200 rules and 20 queues
+//! (signals included), and the time to load and validate 1,000 rules.
+//!
+//! `cargo bench --bench decide` (`BENCH_RUNS`, default 3).
+
+use std::time::Instant;
+
+use switchboard::router::decide::{ConversationView, CustomerView, Input, decide};
+use switchboard::router::rules::RuleSet;
+use switchboard_channel::{ChannelRef, NormalizedMessage, Sender};
+
+const LANGUAGES: [&str; 4] = ["en", "de", "es", "fr"];
+const TOPICS: [&str; 5] = ["billing", "technical", "sales", "legal", "account"];
+
+/// 20 queues (5 topics × 4 languages), `rules` rules in the styles real rule sets use, and the
+/// signal weights and lexicon on.
+fn rule_set(rules: usize) -> Vec<(String, String)> {
+    let mut queues =
+        String::from("[[queue]]\nname = \"general\"\ndefault = true\nlanguages = [\"*\"]\n\n");
+    for (t, topic) in TOPICS.iter().enumerate() {
+        for language in LANGUAGES {
+            if t == 0 && language == "en" {
+                continue; // 19 + general = 20 queues
+            }
+            queues.push_str(&format!(
+                "[[queue]]\nname = \"{topic}-{language}\"\nskills = [\"{topic}\"]\nlanguages = [\"{language}\"]\n\n"
+            ));
+        }
+    }
+    queues.push_str(
+        "[[queue]]\nname = \"billing-any\"\nskills = [\"billing\"]\nlanguages = [\"*\"]\n\n",
+    );
+    queues.push_str("[keywords]\nen = [\"urgent\", \"asap\", \"immediately\"]\nde = [\"dringend\", \"sofort\"]\nes = [\"urgente\"]\nfr = [\"urgent\"]\n\n[signals]\nnegative_sentiment = 20\nurgent_keyword = 10\nshouting = 10\nexclamations = 5\nrepeat_contact = 5\n");
+    let mut text = String::new();
+    for i in 0..rules {
+        let topic = TOPICS[i % TOPICS.len()];
+        let when = match i % 4 {
+            0 => format!("message.text.matches(\"(?i)\\\\b(word{i}|term{i}|{topic}{i})\\\\b\")"),
+            1 => format!("message.text.contains(\"phrase {i}\")"),
+            2 => {
+                format!("has(customer.attributes.tier) && customer.attributes.tier == \"tier{i}\"")
+            }
+            _ => format!(
+                "signals.sentiment < -0.{} && message.channel == \"webchat\"",
+                1 + i % 8
+            ),
+        };
+        text.push_str(&format!(
+            "[[rule]]\nid = \"r{i}\"\nwhen = '{when}'\nurgency = {}\nrequire_skills = [\"{topic}\"]\n\n",
+            i % 7
+        ));
+    }
+    vec![
+        ("10-queues.toml".into(), queues),
+        ("20-rules.toml".into(), text),
+    ]
+}
+
+fn message(i: usize) -> NormalizedMessage {
+    let texts = [
+        "I was charged twice for my subscription, please refund me asap",
+        "Hallo, meine Rechnung ist falsch, bitte dringend korrigieren",
+        "Hola, la aplicación no funciona desde ayer, es urgente",
+        "Bonjour, je voudrais acheter la version entreprise pour mon équipe",
+        "WHERE IS MY ORDER?? this is the worst service ever!!",
+    ];
+    let text = texts[i % texts.len()];
+    NormalizedMessage {
+        message_id: NormalizedMessage::stable_id("c", &i.to_string()),
+        channel: ChannelRef {
+            id: "c".into(),
+            kind: "webchat".into(),
+        },
+        external_id: i.to_string(),
+        thread_key: None,
+        sender: Sender {
+            kind: "webchat".into(),
+            address: format!("v{i}"),
+            name: None,
+        },
+        subject: None,
+        text: text.into(),
+        attachments: vec![],
+        received_at: time::OffsetDateTime::UNIX_EPOCH,
+        auto_submitted: false,
+        metadata: Default::default(),
+    }
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn main() {
+    let runs: usize = std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let rules = RuleSet::from_sources(&rule_set(200)).unwrap_or_else(|d| panic!("{d}"));
+    let messages: Vec<NormalizedMessage> = (0..1000).map(message).collect();
+    let customer = CustomerView {
+        contacts_last_24h: 2,
+        ..CustomerView::default()
+    };
+    let conversation = ConversationView::default();
+    let mut rates = Vec::new();
+    for run in 1..=runs {
+        let n = 20_000;
+        let started = Instant::now();
+        for i in 0..n {
+            let message = &messages[i % messages.len()];
+            let signals = rules.model.compute(message, customer.contacts_last_24h);
+            let decision = decide(
+                &rules,
+                &Input {
+                    message,
+                    customer: &customer,
+                    conversation: &conversation,
+                    signals: &signals,
+                },
+                &|_| 0,
+            );
+            std::hint::black_box(decision);
+        }
+        let rate = n as f64 / started.elapsed().as_secs_f64();
+        println!("run {run}: {rate:.0} decisions/s (200 rules, 20 queues, signals on, one thread)");
+        rates.push(rate);
+    }
+    println!("median: {:.0} decisions/s", median(rates));
+
+    let sources = rule_set(1000);
+    let mut loads = Vec::new();
+    for run in 1..=runs {
+        let started = Instant::now();
+        let set = RuleSet::from_sources(&sources).unwrap_or_else(|d| panic!("{d}"));
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        println!(
+            "run {run}: loaded and validated {} rules in {ms:.1} ms",
+            set.rules.len()
+        );
+        loads.push(ms);
+    }
+    println!("median: {:.1} ms to load 1,000 rules", median(loads));
+}
