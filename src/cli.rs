@@ -205,6 +205,13 @@ pub fn explain(
         "language": decision.language,
         "signals": signals,
         "explanation": decision.explanation,
+        // Where the rules that did not match are, for the operator reading this.
+        "not_matched_rules": rules
+            .rules
+            .iter()
+            .filter(|r| decision.explanation.not_matched.contains(&r.id))
+            .map(|r| json!({"id": r.id, "file": r.file, "line": r.line}))
+            .collect::<Vec<_>>(),
         "rules_version": rules.version,
     });
     // A JSON value always pretty-prints. A closed stdout (`| head`) is not an error of ours.

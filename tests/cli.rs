@@ -192,6 +192,15 @@ fn explain_prints_the_decision_and_publishes_nothing() {
         .map(|r| r["id"].as_str().unwrap())
         .collect();
     assert_eq!(matched, ["legal", "refunds", "vip"]);
+    let skipped = decision["not_matched_rules"]
+        .as_array()
+        .expect("not_matched_rules");
+    assert!(
+        skipped.iter().any(|r| r["id"] == "outage"
+            && r["file"].as_str().unwrap().ends_with("20-rules.toml")
+            && r["line"].as_u64().unwrap() > 0),
+        "{out}"
+    );
 
     let (code, _, err) = switchboard(&[
         "explain",
