@@ -10,8 +10,7 @@ use serde_json::{Value, json};
 use switchboard_channel::{ChannelRef, CloudEvent, NormalizedMessage};
 
 use crate::config::{self, Loaded};
-use crate::router::check::run_tests;
-use crate::router::decide::{ConversationView, CustomerView, Identity, Input, decide};
+use crate::router::check::{dry_run, run_tests};
 use crate::router::rules::RuleSet;
 
 #[derive(Debug, Parser)]
@@ -168,34 +167,7 @@ pub fn explain(
         Some(Value::Object(attributes)) => attributes.clone(),
         _ => Default::default(),
     };
-    let customer = CustomerView {
-        id: "explain".to_owned(),
-        attributes,
-        identities: vec![Identity {
-            kind: message.sender.kind.clone(),
-            address: message.sender.address.clone(),
-        }],
-        contacts_last_24h: 1,
-        open_conversations: 1,
-        channels_used: vec![message.channel.kind.clone()],
-        ..CustomerView::default()
-    };
-    let conversation = ConversationView {
-        id: "explain".to_owned(),
-        new: true,
-        ..ConversationView::default()
-    };
-    let signals = rules.model.compute(&message, customer.contacts_last_24h);
-    let decision = decide(
-        &rules,
-        &Input {
-            message: &message,
-            customer: &customer,
-            conversation: &conversation,
-            signals: &signals,
-        },
-        &|_| 0,
-    );
+    let (decision, signals) = dry_run(&rules, &message, attributes, 1);
     let output = json!({
         "queue": decision.queue,
         "urgency": decision.urgency,

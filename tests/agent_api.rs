@@ -1,6 +1,7 @@
 //! Agents taking assignments over HTTP (claim / ack, on both buses), and single-node mode's
 //! durability: kill -9 with unrouted messages and unacknowledged claims.
 
+#[macro_use]
 mod common;
 
 use std::time::{Duration, Instant};
@@ -9,21 +10,6 @@ use common::*;
 use serde_json::json;
 
 const QUEUES: &[&str] = &["general", "billing", "technical", "escalations"];
-
-macro_rules! on_both_buses {
-    ($($scenario:ident),* $(,)?) => {$(
-        mod $scenario {
-            #[tokio::test]
-            async fn rabbitmq() {
-                super::$scenario(super::Backend::Amqp).await;
-            }
-            #[tokio::test]
-            async fn embedded() {
-                super::$scenario(super::Backend::Embedded).await;
-            }
-        }
-    )*};
-}
 
 on_both_buses!(
     claim_ack_and_lease_expiry,

@@ -1,6 +1,7 @@
 //! The spine end to end: webhook → bus → router → agent queue. The webhook→assignment
 //! scenarios run twice: on the real RabbitMQ, and on the embedded bus (single-node mode).
 
+#[macro_use]
 mod common;
 
 use std::time::{Duration, Instant};
@@ -9,22 +10,6 @@ use common::*;
 use serde_json::json;
 
 const QUEUES: &[&str] = &["general", "billing", "technical", "escalations"];
-
-/// Runs a scenario on both buses, as two tests.
-macro_rules! on_both_buses {
-    ($($scenario:ident),* $(,)?) => {$(
-        mod $scenario {
-            #[tokio::test]
-            async fn rabbitmq() {
-                super::$scenario(super::Backend::Amqp).await;
-            }
-            #[tokio::test]
-            async fn embedded() {
-                super::$scenario(super::Backend::Embedded).await;
-            }
-        }
-    )*};
-}
 
 on_both_buses!(
     messages_land_once_in_the_rule_queue_with_priority_by_urgency,
@@ -196,15 +181,7 @@ async fn broker_outage_answers_503_and_the_retry_lands_once() {
     let ready = daemon.http.get(daemon.url("/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), 503, "not ready while the broker is away");
 
-    let metrics = daemon
-        .http
-        .get(daemon.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = daemon.metrics().await;
     assert!(
         metrics.contains("switchboard_publish_failures_total{stage=\"inbound\"} 1"),
         "{metrics}"
@@ -531,15 +508,7 @@ async fn sighup_reloads_rules_and_a_bad_set_keeps_the_old_one(backend: Backend) 
         daemon.log()
     );
 
-    let metrics = daemon
-        .http
-        .get(daemon.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = daemon.metrics().await;
     for name in [
         "switchboard_messages_received_total{channel_kind=\"webchat\",outcome=\"accepted\"} 3",
         "switchboard_assignments_total{queue=\"sales\"} 2",
@@ -633,15 +602,7 @@ async fn editing_a_rule_file_reroutes_within_two_seconds_and_a_broken_edit_is_re
         .await;
     let sales = daemon.assignments("sales", 1, Duration::from_secs(5)).await;
     assert_eq!(sales.len(), 1, "the previous rules still route");
-    let metrics = daemon
-        .http
-        .get(daemon.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = daemon.metrics().await;
     assert!(
         metrics.contains("switchboard_rules_reload_failures_total 1"),
         "{metrics}"

@@ -4,7 +4,7 @@ use serde_json::json;
 use switchboard_channel::{ChannelRef, NormalizedMessage, Sender};
 use time::OffsetDateTime;
 
-use super::decide::{ConversationView, CustomerView, Input, decide};
+use super::decide::{ConversationView, CustomerView, Decision, Identity, Input, Signals, decide};
 use super::rules::{RuleSet, RuleTest};
 
 /// A failed test, ready to print.
@@ -79,35 +79,52 @@ pub fn test_message(test: &RuleTest) -> NormalizedMessage {
     }
 }
 
-fn run_one(rules: &RuleSet, test: &RuleTest) -> Vec<String> {
-    let message = test_message(test);
+/// Decides for `message` without a store: a new conversation of a customer known only by the
+/// sender, with `attributes` and `contacts_last_24h`. Used by `[[test]]` and `explain`.
+pub fn dry_run(
+    rules: &RuleSet,
+    message: &NormalizedMessage,
+    attributes: serde_json::Map<String, serde_json::Value>,
+    contacts_last_24h: u32,
+) -> (Decision, Signals) {
     let customer = CustomerView {
-        id: "test-customer".to_owned(),
-        attributes: test.customer.attributes.clone(),
-        identities: vec![super::decide::Identity {
+        id: "dry-run".to_owned(),
+        attributes,
+        identities: vec![Identity {
             kind: message.sender.kind.clone(),
             address: message.sender.address.clone(),
         }],
-        contacts_last_24h: test.customer.contacts_last_24h.max(1),
+        contacts_last_24h: contacts_last_24h.max(1),
         open_conversations: 1,
         channels_used: vec![message.channel.kind.clone()],
         ..CustomerView::default()
     };
     let conversation = ConversationView {
-        id: "test-conversation".to_owned(),
+        id: "dry-run".to_owned(),
         new: true,
         ..ConversationView::default()
     };
-    let signals = rules.model.compute(&message, customer.contacts_last_24h);
+    let signals = rules.model.compute(message, customer.contacts_last_24h);
     let decision = decide(
         rules,
         &Input {
-            message: &message,
+            message,
             customer: &customer,
             conversation: &conversation,
             signals: &signals,
         },
         &|_| 0,
+    );
+    (decision, signals)
+}
+
+fn run_one(rules: &RuleSet, test: &RuleTest) -> Vec<String> {
+    let message = test_message(test);
+    let (decision, _) = dry_run(
+        rules,
+        &message,
+        test.customer.attributes.clone(),
+        test.customer.contacts_last_24h,
     );
     let mut problems = Vec::new();
     let expect = &test.expect;

@@ -1,6 +1,22 @@
 //! Test harness: runs the real `switchboard` binary against the real RabbitMQ on loopback, each
 //! test under its own AMQP prefix and data directory.
-#![allow(dead_code)]
+#![allow(dead_code, unused_macros)]
+
+/// Runs a scenario on both buses, as two tests.
+macro_rules! on_both_buses {
+    ($($scenario:ident),* $(,)?) => {$(
+        mod $scenario {
+            #[tokio::test]
+            async fn rabbitmq() {
+                super::$scenario(super::Backend::Amqp).await;
+            }
+            #[tokio::test]
+            async fn embedded() {
+                super::$scenario(super::Backend::Embedded).await;
+            }
+        }
+    )*};
+}
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -381,6 +397,18 @@ impl Daemon {
                 count as usize
             }
         }
+    }
+
+    /// `/metrics` as text.
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics text")
     }
 
     /// Removes what the test declared on RabbitMQ (nothing to do for the embedded bus).
