@@ -362,7 +362,7 @@ async fn webhook_latency(rate: usize, seconds: usize) -> (f64, f64, f64, usize) 
     }
 
     // Consume every agent queue and note when each assignment arrives.
-    let queues = ["general", "billing", "technical", "escalations"];
+    let queues = ["general", "billing", "technical", "sales", "escalations"];
     let (arrived_tx, mut arrived_rx) = tokio::sync::mpsc::unbounded_channel::<(String, Instant)>();
     for q in queues {
         let channel = connection.create_channel().await.unwrap();

@@ -167,7 +167,13 @@ pub fn explain(
         Some(Value::Object(attributes)) => attributes.clone(),
         _ => Default::default(),
     };
-    let (decision, signals) = dry_run(&rules, &message, attributes, 1);
+    let (decision, signals) = dry_run(
+        &rules,
+        time::OffsetDateTime::now_utc(),
+        &message,
+        attributes,
+        1,
+    );
     let output = json!({
         "queue": decision.queue,
         "urgency": decision.urgency,
@@ -175,6 +181,7 @@ pub fn explain(
         "skills": decision.skills,
         "tags": decision.tags,
         "language": decision.language,
+        "outside_hours": decision.outside_hours,
         "signals": signals,
         "explanation": decision.explanation,
         // Where the rules that did not match are, for the operator reading this.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::json;
 
-const QUEUES: &[&str] = &["general", "billing", "technical", "escalations"];
+const QUEUES: &[&str] = &["general", "billing", "technical", "sales", "escalations"];
 
 on_both_buses!(
     claim_ack_and_lease_expiry,
@@ -113,7 +113,7 @@ async fn claim_api_refuses_bad_requests(backend: Backend) {
     let rules: serde_json::Value = response.json().await.unwrap();
     assert_eq!(
         rules["queues"],
-        json!(["general", "billing", "technical", "escalations"])
+        json!(["general", "billing", "technical", "sales", "escalations"])
     );
     daemon.cleanup(QUEUES).await;
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::json;
 
-const QUEUES: &[&str] = &["general", "billing", "technical", "escalations"];
+const QUEUES: &[&str] = &["general", "billing", "technical", "sales", "escalations"];
 
 on_both_buses!(
     messages_land_once_in_the_rule_queue_with_priority_by_urgency,
@@ -607,5 +607,37 @@ async fn editing_a_rule_file_reroutes_within_two_seconds_and_a_broken_edit_is_re
         metrics.contains("switchboard_rules_reload_failures_total 1"),
         "{metrics}"
     );
+    daemon.cleanup(&["general", "sales"]).await;
+}
+
+on_both_buses!(a_closed_queue_sends_to_its_after_hours_queue_and_says_so);
+
+async fn a_closed_queue_sends_to_its_after_hours_queue_and_says_so(backend: Backend) {
+    let prefix = prefix("hours");
+    let rules = tempfile::tempdir().unwrap();
+    // `night-shift` has hours but no open day: it is always closed.
+    let set = "[[queue]]\nname = \"general\"\ndefault = true\n\n[[queue]]\nname = \"sales\"\nskills = [\"sales\"]\nhours = {timezone = \"Europe/Paris\"}\nafter_hours = \"general\"\n\n[[rule]]\nid = \"buy\"\nwhen = 'message.text.contains(\"buy\")'\nrequire_skills = [\"sales\"]\n";
+    write_rules(rules.path(), &[("rules.toml", set)]);
+    let mut config = DaemonConfig::on(backend, &prefix);
+    config.rules = rules.path().to_path_buf();
+    let daemon = Daemon::start(config).await;
+    daemon.wait_ready().await;
+
+    let (status, _) = daemon
+        .post("chat", &chat("m-1", "v", "I want to buy"))
+        .await;
+    assert_eq!(status, 200);
+    let general = daemon
+        .assignments("general", 1, Duration::from_secs(5))
+        .await;
+    assert_eq!(general.len(), 1);
+    let data = &general[0].1["data"];
+    assert_eq!(data["queue"], "general");
+    assert_eq!(data["outside_hours"], true);
+    assert_eq!(
+        data["explanation"]["business_hours"],
+        "`sales` is closed: after-hours queue `general`"
+    );
+    assert_eq!(daemon.depth("sales").await, 0);
     daemon.cleanup(&["general", "sales"]).await;
 }

@@ -83,6 +83,7 @@ pub fn test_message(test: &RuleTest) -> NormalizedMessage {
 /// sender, with `attributes` and `contacts_last_24h`. Used by `[[test]]` and `explain`.
 pub fn dry_run(
     rules: &RuleSet,
+    now: OffsetDateTime,
     message: &NormalizedMessage,
     attributes: serde_json::Map<String, serde_json::Value>,
     contacts_last_24h: u32,
@@ -108,6 +109,7 @@ pub fn dry_run(
     let decision = decide(
         rules,
         &Input {
+            now,
             message,
             customer: &customer,
             conversation: &conversation,
@@ -122,6 +124,7 @@ fn run_one(rules: &RuleSet, test: &RuleTest) -> Vec<String> {
     let message = test_message(test);
     let (decision, _) = dry_run(
         rules,
+        test.now.unwrap_or_else(OffsetDateTime::now_utc),
         &message,
         test.customer.attributes.clone(),
         test.customer.contacts_last_24h,

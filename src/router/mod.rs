@@ -5,6 +5,7 @@
 pub mod check;
 pub mod decide;
 pub mod functions;
+pub mod hours;
 pub mod rules;
 pub mod service;
 pub mod signals;

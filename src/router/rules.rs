@@ -71,6 +71,10 @@ pub struct Queue {
     /// Next queue when the SLA passes.
     pub overflow: Option<String>,
     pub default: bool,
+    /// Opening hours; `None` is always open.
+    pub hours: Option<super::hours::Hours>,
+    /// Where conversations go while the queue is closed; `None`: they wait in it.
+    pub after_hours: Option<String>,
 }
 
 /// A compiled rule.
@@ -109,6 +113,11 @@ pub struct RuleTest {
     #[serde(default)]
     pub customer: TestCustomer,
     pub expect: TestExpect,
+    /// The time the test decides at (RFC 3339); default: now.
+    #[serde(default)]
+    pub clock: Option<String>,
+    #[serde(skip)]
+    pub now: Option<OffsetDateTime>,
     #[serde(skip)]
     pub file: String,
     #[serde(skip)]
@@ -288,6 +297,31 @@ impl RuleSet {
                         "overflow",
                     ));
                 }
+                if let Some(after_hours) = &def.after_hours {
+                    queue_refs.push((
+                        after_hours.get_ref().clone(),
+                        at(after_hours.span().start),
+                        "after_hours",
+                    ));
+                }
+                let hours = match def.hours {
+                    None => None,
+                    Some(spanned) => {
+                        let hours_at = at(spanned.span().start);
+                        match spanned.into_inner().build() {
+                            Ok(hours) => Some(hours),
+                            Err(problems) => {
+                                for problem in problems {
+                                    diagnostics.push(
+                                        hours_at
+                                            .diagnostic(format!("queue `{}`: {problem}", def.name)),
+                                    );
+                                }
+                                None
+                            }
+                        }
+                    }
+                };
                 if !valid_queue_name(&def.name) {
                     diagnostics.push(location.diagnostic(format!(
                         "queue name `{}` must be ASCII letters, digits, '-' or '_'",
@@ -302,6 +336,8 @@ impl RuleSet {
                         sla,
                         overflow: def.overflow.map(Spanned::into_inner),
                         default: def.default,
+                        hours,
+                        after_hours: def.after_hours.map(Spanned::into_inner),
                     },
                     location,
                 ));
@@ -359,6 +395,15 @@ impl RuleSet {
                 let mut test = spanned.into_inner();
                 test.file = location.file.clone();
                 test.line = location.line;
+                if let Some(clock) = &test.clock {
+                    match OffsetDateTime::parse(clock, &time::format_description::well_known::Rfc3339) {
+                        Ok(now) => test.now = Some(now),
+                        Err(_) => diagnostics.push(location.diagnostic(format!(
+                            "test \"{}\": clock `{clock}` is not an RFC 3339 time like \"2026-11-23T20:00:00+01:00\"",
+                            test.name
+                        ))),
+                    }
+                }
                 if let Some(queue) = &test.expect.queue {
                     queue_refs.push((queue.clone(), location.clone(), "expect.queue"));
                 }
@@ -559,6 +604,10 @@ struct QueueDef {
     overflow: Option<Spanned<String>>,
     #[serde(default)]
     default: bool,
+    #[serde(default)]
+    hours: Option<Spanned<super::hours::HoursDef>>,
+    #[serde(default)]
+    after_hours: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

@@ -61,6 +61,8 @@ pub struct AssignmentData<'a> {
     pub skills: &'a [String],
     pub tags: &'a [String],
     pub language: Option<&'a str>,
+    /// The queue was closed when this was decided (see `explanation.business_hours`).
+    pub outside_hours: bool,
     pub message: &'a NormalizedMessage,
     pub context: Context<'a>,
     pub explanation: &'a super::decide::Explanation,
@@ -382,6 +384,7 @@ fn route(rules: &RuleSet, message: &NormalizedMessage, resolved: &Resolved) -> R
     let decision = decide(
         rules,
         &Input {
+            now: OffsetDateTime::now_utc(),
             message,
             customer: &resolved.customer,
             conversation: &resolved.conversation,
@@ -440,6 +443,7 @@ pub fn assignment_json(
         skills: &decision.skills,
         tags: &decision.tags,
         language: decision.language.as_deref(),
+        outside_hours: decision.outside_hours,
         message,
         context: Context {
             customer: ContextCustomer {

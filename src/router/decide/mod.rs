@@ -90,6 +90,8 @@ impl Signals {
 
 /// Everything the decision reads.
 pub struct Input<'a> {
+    /// The time of the decision (business hours).
+    pub now: time::OffsetDateTime,
     pub message: &'a NormalizedMessage,
     pub customer: &'a CustomerView,
     pub conversation: &'a ConversationView,
@@ -105,6 +107,9 @@ pub struct Decision {
     pub skills: Vec<String>,
     pub tags: Vec<String>,
     pub language: Option<String>,
+    /// The queue chosen was closed, and the conversation waits in it or went to its
+    /// `after_hours` queue.
+    pub outside_hours: bool,
     pub explanation: Explanation,
 }
 
@@ -123,6 +128,9 @@ pub struct Explanation {
     pub skill_match: BTreeMap<String, String>,
     /// Why the chosen queue was chosen.
     pub queue_reason: String,
+    /// Set when the chosen queue was closed: what happened instead.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub business_hours: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -264,8 +272,10 @@ pub fn decide(rules: &RuleSet, input: &Input<'_>, load: &dyn Fn(&str) -> u64) ->
         ),
     };
 
+    let (queue, outside_hours) = apply_hours(rules, queue, input.now, &mut explanation);
     Decision {
         queue,
+        outside_hours,
         urgency,
         priority: priority_of(urgency),
         skills: required,
@@ -348,6 +358,35 @@ fn choose_queue(
             );
             default.name.clone()
         }
+    }
+}
+
+/// A closed queue hands over to its `after_hours` queue (one step), or keeps the conversation
+/// waiting. Returns the queue and whether it was outside hours.
+fn apply_hours(
+    rules: &RuleSet,
+    chosen: String,
+    now: time::OffsetDateTime,
+    explanation: &mut Explanation,
+) -> (String, bool) {
+    let Some(queue) = rules.queue(&chosen) else {
+        return (chosen, false);
+    };
+    match &queue.hours {
+        Some(hours) if !hours.is_open(now) => match &queue.after_hours {
+            Some(next) => {
+                explanation.business_hours =
+                    Some(format!("`{chosen}` is closed: after-hours queue `{next}`"));
+                (next.clone(), true)
+            }
+            None => {
+                explanation.business_hours = Some(format!(
+                    "`{chosen}` is closed: the conversation waits for it to open"
+                ));
+                (chosen, true)
+            }
+        },
+        _ => (chosen, false),
     }
 }
 

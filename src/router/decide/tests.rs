@@ -63,6 +63,7 @@ fn message(text: &str) -> NormalizedMessage {
 }
 
 struct Case {
+    now: OffsetDateTime,
     message: NormalizedMessage,
     customer: CustomerView,
     conversation: ConversationView,
@@ -74,6 +75,7 @@ impl Case {
         let message = message(text);
         let signals = Signals::from_message(&message);
         Case {
+            now: OffsetDateTime::now_utc(),
             message,
             customer: CustomerView::default(),
             conversation: ConversationView::default(),
@@ -92,6 +94,7 @@ impl Case {
 
     fn decide_with_load(&self, rules: &RuleSet, load: &dyn Fn(&str) -> u64) -> Decision {
         let input = Input {
+            now: self.now,
             message: &self.message,
             customer: &self.customer,
             conversation: &self.conversation,
@@ -374,4 +377,81 @@ fn signal_tables_are_validated() {
         "{errors}"
     );
     assert!(errors.contains("language `klingon`"), "{errors}");
+}
+
+#[test]
+fn a_closed_queue_hands_over_to_its_after_hours_queue_or_keeps_waiting() {
+    let rules = RuleSet::from_sources(&[(
+        "q.toml".into(),
+        r#"
+[[queue]]
+name = "general"
+default = true
+
+[[queue]]
+name = "sales"
+skills = ["sales"]
+hours = {timezone = "America/New_York", mon = "09:00-18:00", tue = "09:00-18:00"}
+after_hours = "general"
+
+[[queue]]
+name = "legal"
+skills = ["legal"]
+hours = {timezone = "UTC", mon = "09:00-17:00"}
+
+[[rule]]
+id = "buy"
+when = 'message.text.contains("buy")'
+require_skills = ["sales"]
+
+[[rule]]
+id = "sue"
+when = 'message.text.contains("sue")'
+route_to = "legal"
+"#
+        .into(),
+    )])
+    .unwrap_or_else(|d| panic!("{d}"));
+    let mut case = Case::new("I want to buy");
+    case.now = time::macros::datetime!(2026-11-23 15:00 UTC); // Monday 10:00 in New York
+    let d = case.decide(&rules);
+    assert_eq!((d.queue.as_str(), d.outside_hours), ("sales", false));
+    assert_eq!(d.explanation.business_hours, None);
+
+    case.now = time::macros::datetime!(2026-11-22 15:00 UTC); // Sunday
+    let d = case.decide(&rules);
+    assert_eq!((d.queue.as_str(), d.outside_hours), ("general", true));
+    assert_eq!(
+        d.explanation.business_hours.as_deref(),
+        Some("`sales` is closed: after-hours queue `general`")
+    );
+
+    let mut case = Case::new("I will sue");
+    case.now = time::macros::datetime!(2026-11-24 10:00 UTC); // Tuesday: legal is closed
+    let d = case.decide(&rules);
+    assert_eq!(
+        (d.queue.as_str(), d.outside_hours),
+        ("legal", true),
+        "no after_hours: it waits"
+    );
+    assert!(d.explanation.business_hours.unwrap().contains("waits"));
+}
+
+#[test]
+fn hours_problems_are_load_errors() {
+    let errors = RuleSet::from_sources(&[(
+        "q.toml".into(),
+        "[[queue]]\nname = \"general\"\ndefault = true\nhours = {timezone = \"Nowhere/City\", mon = \"9 to 5\"}\nafter_hours = \"night\"\n".into(),
+    )])
+    .unwrap_err()
+    .to_string();
+    assert!(
+        errors.contains("q.toml:4:9: queue `general`: hours: `Nowhere/City`"),
+        "{errors}"
+    );
+    assert!(errors.contains("mon = `9 to 5`"), "{errors}");
+    assert!(
+        errors.contains("after_hours names queue `night`, which no [[queue]] defines"),
+        "{errors}"
+    );
 }
