@@ -114,6 +114,7 @@ fn main() {
             let decision = decide(
                 &rules,
                 &Input {
+                    now: time::OffsetDateTime::UNIX_EPOCH,
                     message,
                     customer: &customer,
                     conversation: &conversation,
