@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::body::{Body, to_bytes};
+use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -31,12 +31,12 @@ pub async fn handle(
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|length| length > limit) {
-        return too_large(limit);
+    if declared.is_some_and(|length| length > DRAIN_LIMIT) {
+        return too_large(limit, false);
     }
-    let body = match to_bytes(body, limit).await {
+    let body = match read_limited(body, limit).await {
         Ok(body) => body,
-        Err(_) => return too_large(limit),
+        Err(drained) => return too_large(limit, drained),
     };
     let request = WebhookRequest {
         method,
@@ -56,17 +56,52 @@ pub async fn handle(
     reply(response)
 }
 
-fn too_large(limit: usize) -> Response {
+/// An oversized body is still read (and dropped) up to this size, so the client can read the
+/// 413 and keep its connection; past it the connection is closed.
+const DRAIN_LIMIT: usize = 8 * 1024 * 1024;
+/// Longest wait for the next piece of a body.
+const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The body if it fits in `limit`; otherwise `Err(drained)`: whether it was read to its end.
+async fn read_limited(body: Body, limit: usize) -> Result<bytes::Bytes, bool> {
+    use futures::StreamExt;
+    let mut stream = body.into_data_stream();
+    let mut buffer = bytes::BytesMut::new();
+    let mut total = 0usize;
+    loop {
+        let chunk = match tokio::time::timeout(READ_TIMEOUT, stream.next()).await {
+            Ok(Some(Ok(chunk))) => chunk,
+            Ok(None) => break,
+            Ok(Some(Err(_))) | Err(_) => return Err(false),
+        };
+        total = total.saturating_add(chunk.len());
+        if total > DRAIN_LIMIT {
+            return Err(false);
+        }
+        if total <= limit {
+            buffer.extend_from_slice(&chunk);
+        }
+    }
+    if total > limit {
+        Err(true)
+    } else {
+        Ok(buffer.freeze())
+    }
+}
+
+fn too_large(limit: usize, drained: bool) -> Response {
     let mut response = reply(WebhookResponse::error(
         StatusCode::PAYLOAD_TOO_LARGE,
         "body_too_large",
         format!("the body is larger than this channel's limit of {limit} bytes"),
     ));
-    // The rest of the body is not read: the connection cannot carry another request.
-    response.headers_mut().insert(
-        axum::http::header::CONNECTION,
-        axum::http::HeaderValue::from_static("close"),
-    );
+    if !drained {
+        // The rest of the body was not read: the connection cannot carry another request.
+        response.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+    }
     response
 }
 
