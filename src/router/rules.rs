@@ -64,6 +64,8 @@ pub struct Queue {
     pub name: String,
     /// What the agents of this queue can do.
     pub skills: Vec<String>,
+    /// Proficiency 1–5 per skill (3 when not given).
+    pub proficiency: BTreeMap<String, u8>,
     /// Languages served; `"*"` serves any.
     pub languages: Vec<String>,
     /// First-response target.
@@ -87,6 +89,8 @@ pub struct Rule {
     pub when_source: Option<String>,
     pub urgency: i64,
     pub require_skills: Vec<String>,
+    /// Skills that make a queue a better choice, without being required.
+    pub prefer_skills: Vec<String>,
     pub route_to: Option<String>,
     pub tags: Vec<String>,
     /// No further rules are evaluated after this one matches.
@@ -322,6 +326,16 @@ impl RuleSet {
                         }
                     }
                 };
+                let mut proficiency = BTreeMap::new();
+                for skill in def.skills {
+                    match skill.parse() {
+                        Ok((name, level)) => {
+                            proficiency.insert(name, level);
+                        }
+                        Err(problem) => diagnostics
+                            .push(location.diagnostic(format!("queue `{}`: {problem}", def.name))),
+                    }
+                }
                 if !valid_queue_name(&def.name) {
                     diagnostics.push(location.diagnostic(format!(
                         "queue name `{}` must be ASCII letters, digits, '-' or '_'",
@@ -331,7 +345,8 @@ impl RuleSet {
                 queues.push((
                     Queue {
                         name: def.name,
-                        skills: def.skills,
+                        skills: proficiency.keys().cloned().collect(),
+                        proficiency,
                         languages: def.languages.unwrap_or_else(|| vec!["*".to_owned()]),
                         sla,
                         overflow: def.overflow.map(Spanned::into_inner),
@@ -382,6 +397,7 @@ impl RuleSet {
                         when_source,
                         urgency: def.urgency,
                         require_skills: def.require_skills,
+                        prefer_skills: def.prefer_skills,
                         route_to: def.route_to.map(Spanned::into_inner),
                         tags: def.tags,
                         stop: def.stop,
@@ -464,10 +480,10 @@ impl RuleSet {
                         .diagnostic(format!("rule id `{}` is already used at {first}", rule.id)),
                 );
             }
-            for skill in &rule.require_skills {
+            for skill in rule.require_skills.iter().chain(&rule.prefer_skills) {
                 if !skills.contains(skill.as_str()) {
                     diagnostics.push(location.diagnostic(format!(
-                        "rule `{}` requires skill `{skill}`, which no queue has",
+                        "rule `{}` names skill `{skill}`, which no queue has",
                         rule.id
                     )));
                 }
@@ -595,7 +611,7 @@ struct RuleFile {
 struct QueueDef {
     name: String,
     #[serde(default)]
-    skills: Vec<String>,
+    skills: Vec<SkillDef>,
     #[serde(default)]
     languages: Option<Vec<String>>,
     #[serde(default)]
@@ -610,6 +626,45 @@ struct QueueDef {
     after_hours: Option<Spanned<String>>,
 }
 
+/// `"billing"`, `"billing:4"` or `{name = "billing", level = 4}`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SkillDef {
+    Name(String),
+    Table { name: String, level: u8 },
+}
+
+/// Default proficiency of a skill listed without one.
+const DEFAULT_LEVEL: u8 = 3;
+
+impl SkillDef {
+    fn parse(self) -> Result<(String, u8), String> {
+        let (name, level) = match self {
+            SkillDef::Table { name, level } => (name, level),
+            SkillDef::Name(text) => match text.split_once(':') {
+                None => (text, DEFAULT_LEVEL),
+                Some((name, level)) => match level.trim().parse::<u8>() {
+                    Ok(level) => (name.trim().to_owned(), level),
+                    Err(_) => {
+                        return Err(format!(
+                            "skill `{text}`: the level after `:` must be 1 to 5"
+                        ));
+                    }
+                },
+            },
+        };
+        if name.is_empty() {
+            return Err("a skill needs a name".to_owned());
+        }
+        if !(1..=5).contains(&level) {
+            return Err(format!(
+                "skill `{name}`: level {level} is not between 1 and 5"
+            ));
+        }
+        Ok((name, level))
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RuleDef {
@@ -620,6 +675,8 @@ struct RuleDef {
     urgency: i64,
     #[serde(default)]
     require_skills: Vec<String>,
+    #[serde(default)]
+    prefer_skills: Vec<String>,
     #[serde(default)]
     route_to: Option<Spanned<String>>,
     #[serde(default)]

@@ -160,6 +160,7 @@ pub fn decide(rules: &RuleSet, input: &Input<'_>, load: &dyn Fn(&str) -> u64) ->
     let mut explanation = Explanation::default();
     let mut urgency_sum: i64 = 0;
     let mut required: Vec<String> = Vec::new();
+    let mut preferred: Vec<String> = Vec::new();
     let mut tags: Vec<String> = Vec::new();
     let mut route_to: Option<(String, String)> = None;
 
@@ -211,6 +212,14 @@ pub fn decide(rules: &RuleSet, input: &Input<'_>, load: &dyn Fn(&str) -> u64) ->
         }
         if !rule.require_skills.is_empty() {
             effects.push(format!("requires {}", rule.require_skills.join(", ")));
+        }
+        for skill in &rule.prefer_skills {
+            if !preferred.contains(skill) {
+                preferred.push(skill.clone());
+            }
+        }
+        if !rule.prefer_skills.is_empty() {
+            effects.push(format!("prefers {}", rule.prefer_skills.join(", ")));
         }
         if let Some(target) = &rule.route_to {
             if route_to.is_none() {
@@ -266,6 +275,7 @@ pub fn decide(rules: &RuleSet, input: &Input<'_>, load: &dyn Fn(&str) -> u64) ->
         None => choose_queue(
             rules,
             &required,
+            &preferred,
             language.as_deref(),
             load,
             &mut explanation,
@@ -286,15 +296,26 @@ pub fn decide(rules: &RuleSet, input: &Input<'_>, load: &dyn Fn(&str) -> u64) ->
 }
 
 /// Among queues serving the language (checked first) and covering the required skills: the
-/// closest skill match, then the lighter load, then file order. Nothing eligible → the default.
+/// highest proficiency in the required skills, then in the preferred ones, then the fewest
+/// other skills, then the lighter load, then file order. Nothing eligible → the default.
 fn choose_queue(
     rules: &RuleSet,
     required: &[String],
+    preferred: &[String],
     language: Option<&str>,
     load: &dyn Fn(&str) -> u64,
     explanation: &mut Explanation,
 ) -> String {
-    let mut eligible: Vec<(usize, &Queue)> = Vec::new();
+    struct Candidate<'a> {
+        queue: &'a Queue,
+        required: u32,
+        preferred: u32,
+        extra: usize,
+        load: u64,
+    }
+    let level =
+        |queue: &Queue, skill: &str| u32::from(queue.proficiency.get(skill).copied().unwrap_or(0));
+    let mut eligible: Vec<Candidate<'_>> = Vec::new();
     for queue in &rules.queues {
         let verdict = if let Some(language) = language
             && !serves_language(queue, language)
@@ -303,48 +324,80 @@ fn choose_queue(
         } else if let Some(missing) = required.iter().find(|s| !queue.skills.contains(s)) {
             format!("rejected: lacks skill {missing}")
         } else {
-            let extra = queue.skills.len() - required.len().min(queue.skills.len());
-            eligible.push((extra, queue));
-            "eligible".to_owned()
+            let candidate = Candidate {
+                queue,
+                required: required.iter().map(|s| level(queue, s)).sum(),
+                preferred: preferred.iter().map(|s| level(queue, s)).sum(),
+                extra: queue
+                    .skills
+                    .iter()
+                    .filter(|s| !required.contains(s) && !preferred.contains(s))
+                    .count(),
+                load: load(&queue.name),
+            };
+            let verdict = if required.is_empty() && preferred.is_empty() {
+                "eligible".to_owned()
+            } else {
+                format!(
+                    "eligible (proficiency {} required, {} preferred)",
+                    candidate.required, candidate.preferred
+                )
+            };
+            eligible.push(candidate);
+            verdict
         };
         explanation.skill_match.insert(queue.name.clone(), verdict);
     }
 
     let default = rules.default_queue();
-    if required.is_empty() && eligible.iter().any(|(_, q)| q.default) {
+    let rank = |c: &Candidate<'_>| {
+        (
+            std::cmp::Reverse(c.required),
+            std::cmp::Reverse(c.preferred),
+            c.extra,
+            c.load,
+        )
+    };
+    let best = eligible.iter().min_by_key(|c| rank(c));
+    let default_eligible = eligible.iter().any(|c| c.queue.default);
+    if required.is_empty() && default_eligible && best.is_none_or(|b| b.preferred == 0) {
         explanation.queue_reason = "no skill required: the default queue".to_owned();
         return default.name.clone();
     }
-    let best = eligible
-        .iter()
-        .min_by_key(|(extra, queue)| (*extra, load(&queue.name)));
     match best {
-        Some((_, queue)) => {
-            let ties = eligible
+        Some(best) => {
+            let wanted: Vec<&str> = required
                 .iter()
-                .filter(|(extra, _)| Some(*extra) == best.map(|b| b.0))
-                .count();
-            explanation.queue_reason = if required.is_empty() {
-                format!("no skill required; `{}` serves the language", queue.name)
-            } else if ties > 1 {
-                let loads: Vec<u64> = eligible
-                    .iter()
-                    .filter(|(extra, _)| Some(*extra) == best.map(|b| b.0))
-                    .map(|(_, q)| load(&q.name))
-                    .collect();
-                let tie_break = if loads.iter().all(|l| *l == loads[0]) {
+                .chain(preferred)
+                .map(String::as_str)
+                .collect();
+            let ties: Vec<&Candidate<'_>> = eligible
+                .iter()
+                .filter(|c| {
+                    (c.required, c.preferred, c.extra)
+                        == (best.required, best.preferred, best.extra)
+                })
+                .collect();
+            explanation.queue_reason = if wanted.is_empty() {
+                format!(
+                    "no skill required; `{}` serves the language",
+                    best.queue.name
+                )
+            } else if ties.len() > 1 {
+                let tie_break = if ties.iter().all(|c| c.load == ties[0].load) {
                     "first in file order"
                 } else {
                     "lightest load"
                 };
                 format!(
-                    "closest skill match for {}; {tie_break} of {ties} equal queues",
-                    required.join(", ")
+                    "best skill match for {}; {tie_break} of {} equal queues",
+                    wanted.join(", "),
+                    ties.len()
                 )
             } else {
-                format!("closest skill match for {}", required.join(", "))
+                format!("best skill match for {}", wanted.join(", "))
             };
-            queue.name.clone()
+            best.queue.name.clone()
         }
         None => {
             explanation.queue_reason = format!(

@@ -455,3 +455,81 @@ fn hours_problems_are_load_errors() {
         "{errors}"
     );
 }
+
+#[test]
+fn proficiency_then_preferred_skills_choose_among_eligible_queues() {
+    let rules = RuleSet::from_sources(&[(
+        "q.toml".into(),
+        r#"
+[[queue]]
+name = "general"
+default = true
+
+[[queue]]
+name = "billing-junior"
+skills = ["billing:2", "spanish"]
+
+[[queue]]
+name = "billing-senior"
+skills = [{name = "billing", level = 5}]
+
+[[queue]]
+name = "billing-es"
+skills = ["billing:5", "spanish:4"]
+
+[[rule]]
+id = "refund"
+when = 'message.text.contains("refund")'
+require_skills = ["billing"]
+
+[[rule]]
+id = "spanish"
+when = 'message.text.contains("reembolso")'
+prefer_skills = ["spanish"]
+"#
+        .into(),
+    )])
+    .unwrap_or_else(|d| panic!("{d}"));
+    let d = Case::new("refund please").decide(&rules);
+    assert_eq!(
+        d.queue, "billing-senior",
+        "highest proficiency, then fewest other skills"
+    );
+    assert_eq!(
+        d.explanation.skill_match["billing-junior"],
+        "eligible (proficiency 2 required, 0 preferred)"
+    );
+    let d = Case::new("refund please, reembolso").decide(&rules);
+    assert_eq!(
+        d.queue, "billing-es",
+        "the preferred skill breaks the tie at level 5"
+    );
+    assert!(d.explanation.rules[1].effect.contains("prefers spanish"));
+    let d = Case::new("reembolso").decide(&rules);
+    assert_eq!(
+        d.queue, "billing-es",
+        "a preference alone moves it off the default queue"
+    );
+    let d = Case::new("hello").decide(&rules);
+    assert_eq!(d.queue, "general");
+}
+
+#[test]
+fn skill_levels_are_validated() {
+    let errors = RuleSet::from_sources(&[(
+        "q.toml".into(),
+        "[[queue]]\nname = \"general\"\ndefault = true\nskills = [\"a:9\", \"b:x\", {name = \"c\", level = 0}]\n\n[[rule]]\nid = \"r\"\nprefer_skills = [\"nope\"]\n".into(),
+    )])
+    .unwrap_err()
+    .to_string();
+    assert!(
+        errors.contains("skill `a`: level 9 is not between 1 and 5"),
+        "{errors}"
+    );
+    assert!(errors.contains("skill `b:x`"), "{errors}");
+    assert!(errors.contains("skill `c`: level 0"), "{errors}");
+    assert!(
+        errors.contains("rule `r` names skill `nope`, which no queue has"),
+        "{errors}"
+    );
+}
