@@ -641,3 +641,119 @@ async fn a_closed_queue_sends_to_its_after_hours_queue_and_says_so(backend: Back
     assert_eq!(daemon.depth("sales").await, 0);
     daemon.cleanup(&["general", "sales"]).await;
 }
+
+on_both_buses!(languages_and_signals_route_and_order_messages);
+
+/// Four languages land in the queue serving each; an angry VIP refund outranks a polite
+/// question in the same queue.
+async fn languages_and_signals_route_and_order_messages(backend: Backend) {
+    let prefix = prefix("lang");
+    let rules = tempfile::tempdir().unwrap();
+    let mut set = String::from("[[queue]]\nname = \"general\"\ndefault = true\n\n");
+    for language in ["en", "de", "es", "fr"] {
+        set.push_str(&format!(
+            "[[queue]]\nname = \"support-{language}\"\nskills = [\"support\"]\nlanguages = [\"{language}\"]\n\n"
+        ));
+    }
+    set.push_str(
+        r#"[keywords]
+en = ["refund", "immediately"]
+
+[signals]
+negative_sentiment = 20
+urgent_keyword = 10
+
+[[rule]]
+id = "support"
+require_skills = ["support"]
+
+[[rule]]
+id = "vip"
+when = 'has(customer.attributes.tier) && customer.attributes.tier == "vip"'
+urgency = 30
+"#,
+    );
+    write_rules(rules.path(), &[("rules.toml", &set)]);
+    let mut config = DaemonConfig::on(backend, &prefix);
+    config.rules = rules.path().to_path_buf();
+    let daemon = Daemon::start(config).await;
+    daemon.wait_ready().await;
+
+    let texts = [
+        (
+            "en",
+            "Hello, could you tell me when my order from last week will arrive?",
+        ),
+        (
+            "de",
+            "Hallo, können Sie mir sagen, wann meine Bestellung von letzter Woche ankommt?",
+        ),
+        (
+            "es",
+            "Hola, ¿me pueden decir cuándo llegará mi pedido de la semana pasada?",
+        ),
+        (
+            "fr",
+            "Bonjour, pouvez-vous me dire quand ma commande de la semaine dernière arrivera ?",
+        ),
+    ];
+    for (language, text) in texts {
+        let (status, _) = daemon
+            .post(
+                "chat",
+                &chat(&format!("m-{language}"), &format!("v-{language}"), text),
+            )
+            .await;
+        assert_eq!(status, 200);
+    }
+    for (language, _) in texts {
+        let got = daemon
+            .assignments(&format!("support-{language}"), 1, Duration::from_secs(5))
+            .await;
+        assert_eq!(got.len(), 1, "{language}: {got:?}");
+        let data = &got[0].1["data"];
+        assert_eq!(data["language"], language);
+        assert_eq!(data["message"]["external_id"], format!("m-{language}"));
+    }
+
+    // Same queue: the polite question first, then the angry VIP refund; the VIP comes out first.
+    let polite = chat(
+        "m-polite",
+        "v-polite",
+        "Hello, could you please tell me how to change my delivery address? Thank you!",
+    );
+    let angry = json!({"message_id": "m-angry", "customer": {"id": "v-vip"},
+        "text": "This is terrible and unacceptable. I want a refund immediately, your service is the worst.",
+        "attributes": {"tier": "vip"}})
+    .to_string();
+    assert_eq!(daemon.post("chat", &polite).await.0, 200);
+    assert_eq!(daemon.post("chat", &angry).await.0, 200);
+    let got = daemon
+        .assignments("support-en", 2, Duration::from_secs(5))
+        .await;
+    assert_eq!(got.len(), 2);
+    assert_eq!(
+        got[0].1["data"]["message"]["external_id"], "m-angry",
+        "{got:?}"
+    );
+    let urgency = &got[0].1["data"]["explanation"]["urgency"];
+    assert_eq!(urgency["rule:vip"], 30);
+    assert_eq!(urgency["signal:urgent_keywords"], 20);
+    assert!(
+        urgency["signal:negative_sentiment"].as_i64().unwrap() > 10,
+        "{urgency}"
+    );
+    assert!(
+        got[0].0 > got[1].0,
+        "AMQP priority {} > {}",
+        got[0].0,
+        got[1].0
+    );
+    let mut queues = vec!["general"];
+    let names: Vec<String> = ["en", "de", "es", "fr"]
+        .iter()
+        .map(|l| format!("support-{l}"))
+        .collect();
+    queues.extend(names.iter().map(String::as_str));
+    daemon.cleanup(&queues).await;
+}
