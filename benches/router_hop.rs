@@ -197,6 +197,7 @@ async fn router_hop(n: usize) -> f64 {
     let router = Router {
         rules: Arc::new(ArcSwap::from_pointee(rules)),
         store,
+        loads: Default::default(),
     };
     let started = Instant::now();
     let stop = CancellationToken::new();

@@ -127,9 +127,15 @@ pub async fn run(loaded: Loaded, rules_override: Option<PathBuf>) -> anyhow::Res
         info!(channel = %channel.id, kind = %channel.kind, path = %format!("/webhooks/{}", channel.id), "Channel ready.");
     }
 
+    let loads = crate::bus::QueueLoads::default();
+    intake_tasks.spawn(
+        bus.clone()
+            .sample_loads(rules.clone(), loads.clone(), intake.clone()),
+    );
     let router = Router {
         rules: rules.clone(),
         store: store.clone(),
+        loads,
     };
     intake_tasks.spawn(router.run_on_own_thread(bus.router_link(), intake.clone()));
 

@@ -35,7 +35,11 @@ pub fn init_metrics() -> Option<PrometheusHandle> {
 }
 
 fn describe() {
-    use metrics::{describe_counter, describe_histogram};
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!(
+        "switchboard_queue_depth",
+        "Assignments waiting in each agent queue (sampled every second)."
+    );
     describe_counter!(
         "switchboard_messages_received_total",
         "Webhook requests per channel kind and outcome (accepted, refused)."

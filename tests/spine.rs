@@ -757,3 +757,60 @@ urgency = 30
     queues.extend(names.iter().map(String::as_str));
     daemon.cleanup(&queues).await;
 }
+
+on_both_buses!(equally_skilled_queues_share_the_load);
+
+async fn equally_skilled_queues_share_the_load(backend: Backend) {
+    let prefix = prefix("load");
+    let rules = tempfile::tempdir().unwrap();
+    let set = "[[queue]]\nname = \"general\"\ndefault = true\n\n[[queue]]\nname = \"billing-a\"\nskills = [\"billing\"]\n\n[[queue]]\nname = \"billing-b\"\nskills = [\"billing\"]\n\n[[rule]]\nid = \"refund\"\nwhen = 'message.text.contains(\"refund\")'\nrequire_skills = [\"billing\"]\n";
+    write_rules(rules.path(), &[("rules.toml", set)]);
+    let mut config = DaemonConfig::on(backend, &prefix);
+    config.rules = rules.path().to_path_buf();
+    let daemon = Daemon::start(config).await;
+    daemon.wait_ready().await;
+
+    assert_eq!(
+        daemon.post("chat", &chat("m-1", "v1", "refund")).await.0,
+        200
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while daemon.depth("billing-a").await < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the first refund did not land in billing-a"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Depths are sampled every second; once billing-a's is seen, the tie goes to billing-b.
+    let metrics_deadline = Instant::now() + Duration::from_secs(5);
+    while !daemon
+        .metrics()
+        .await
+        .contains("switchboard_queue_depth{queue=\"billing-a\"} 1")
+    {
+        assert!(
+            Instant::now() < metrics_deadline,
+            "{}",
+            daemon.metrics().await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        daemon.post("chat", &chat("m-2", "v2", "refund")).await.0,
+        200
+    );
+    let b = daemon
+        .assignments("billing-b", 1, Duration::from_secs(5))
+        .await;
+    assert_eq!(b.len(), 1);
+    assert_eq!(b[0].1["data"]["message"]["external_id"], "m-2");
+    let reason = b[0].1["data"]["explanation"]["queue_reason"]
+        .as_str()
+        .unwrap();
+    assert!(
+        reason.contains("lightest load of 2 equal queues"),
+        "{reason}"
+    );
+    daemon.cleanup(&["general", "billing-a", "billing-b"]).await;
+}

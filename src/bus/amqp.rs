@@ -157,6 +157,34 @@ impl AmqpBus {
         Ok(Some(claimed))
     }
 
+    /// Ready messages in each agent queue of `queues` (passive declares on a short-lived channel).
+    pub async fn depths(&self, queues: &[String]) -> Result<HashMap<String, u64>, BusError> {
+        let connection = self.shared.current().ok_or(BusError::Disconnected)?;
+        let channel = connection.create_channel().await?;
+        let mut depths = HashMap::new();
+        for queue in queues {
+            let declared = channel
+                .queue_declare(
+                    self.shared.topology.agent_queue(queue).as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await;
+            match declared {
+                Ok(declared) => {
+                    depths.insert(queue.clone(), u64::from(declared.message_count()));
+                }
+                // A missing queue closes the channel: stop here, report what we have.
+                Err(_) => break,
+            }
+        }
+        let _ = channel.close(200, "sampled".into()).await;
+        Ok(depths)
+    }
+
     /// Acknowledges a claimed assignment; `Ok(false)` if unknown or expired.
     pub async fn ack(&self, assignment_id: &str) -> Result<bool, BusError> {
         let lease = lock(&self.leases).remove(assignment_id);

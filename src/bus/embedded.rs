@@ -206,14 +206,19 @@ impl EmbeddedBus {
         Ok(deleted == 1)
     }
 
-    /// Messages waiting (ready or leased) in agent queue `queue`.
-    pub async fn depth(&self, queue: &str) -> Result<u64, BusError> {
-        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM bus_messages WHERE queue = ?")
-            .bind(self.shared.topology.agent_queue(queue))
-            .fetch_one(&self.shared.pool)
-            .await
-            .map_err(store_error)?;
-        Ok(u64::try_from(count).unwrap_or_default())
+    /// Messages waiting (ready or leased) in each agent queue of `queues`.
+    pub async fn depths(&self, queues: &[String]) -> Result<HashMap<String, u64>, BusError> {
+        let mut depths = HashMap::new();
+        for queue in queues {
+            let count: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM bus_messages WHERE queue = ?")
+                    .bind(self.shared.topology.agent_queue(queue))
+                    .fetch_one(&self.shared.pool)
+                    .await
+                    .map_err(store_error)?;
+            depths.insert(queue.clone(), u64::try_from(count).unwrap_or_default());
+        }
+        Ok(depths)
     }
 }
 

@@ -141,6 +141,36 @@ pub struct Claimed {
     pub body: String,
 }
 
+/// Messages waiting in each agent queue (by rule queue name), sampled every second; what the
+/// router breaks skill ties with, and `switchboard_queue_depth`.
+#[derive(Clone, Default)]
+pub struct QueueLoads(std::sync::Arc<std::sync::RwLock<std::collections::HashMap<String, u64>>>);
+
+impl QueueLoads {
+    /// The last sampled depth of `queue`; 0 if unknown.
+    pub fn get(&self, queue: &str) -> u64 {
+        self.0
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(queue)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn set(&self, depths: std::collections::HashMap<String, u64>) {
+        for (queue, depth) in &depths {
+            metrics::gauge!("switchboard_queue_depth", "queue" => queue.clone()).set(*depth as f64);
+        }
+        *self
+            .0
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = depths;
+    }
+}
+
+/// How often queue depths are sampled.
+const LOAD_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The bus the daemon runs on: RabbitMQ, or the embedded bus in the store (single-node mode).
 #[derive(Clone)]
 pub enum Bus {
@@ -209,6 +239,33 @@ impl Bus {
         match self {
             Bus::Amqp(bus) => bus.ack(assignment_id).await,
             Bus::Embedded(bus) => bus.ack(assignment_id).await,
+        }
+    }
+
+    /// Samples the depth of every agent queue of the current rules every second into `loads`,
+    /// until `cancel`.
+    pub async fn sample_loads(
+        self,
+        rules: std::sync::Arc<arc_swap::ArcSwap<crate::router::rules::RuleSet>>,
+        loads: QueueLoads,
+        cancel: tokio_util::sync::CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(LOAD_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let names = rules.load().queue_names();
+            let depths = match &self {
+                Bus::Amqp(bus) => bus.depths(&names).await,
+                Bus::Embedded(bus) => bus.depths(&names).await,
+            };
+            match depths {
+                Ok(depths) => loads.set(depths),
+                Err(error) => tracing::debug!(%error, "Queue depths not sampled."),
+            }
         }
     }
 

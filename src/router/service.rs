@@ -86,6 +86,8 @@ pub struct ContextCustomer<'a> {
 pub struct Router {
     pub rules: Arc<ArcSwap<RuleSet>>,
     pub store: Arc<dyn Store>,
+    /// Waiting assignments per agent queue, sampled by the bus: ties go to the lighter queue.
+    pub loads: crate::bus::QueueLoads,
 }
 
 impl Router {
@@ -272,8 +274,9 @@ impl Router {
         let now_ms = i64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000)
             .unwrap_or(i64::MAX);
         let rules = self.rules.load_full();
-        let decide_one =
-            |message: &NormalizedMessage, resolved: &Resolved| route(&rules, message, resolved);
+        let decide_one = |message: &NormalizedMessage, resolved: &Resolved| {
+            route(&rules, &self.loads, message, resolved)
+        };
         let routed = if to_route.is_empty() {
             Vec::new()
         } else {
@@ -377,7 +380,12 @@ fn parse(delivery: &Delivery) -> Result<NormalizedMessage, String> {
 }
 
 /// The pure part of routing one message: signals, decision, assignment JSON.
-fn route(rules: &RuleSet, message: &NormalizedMessage, resolved: &Resolved) -> Routed {
+fn route(
+    rules: &RuleSet,
+    loads: &crate::bus::QueueLoads,
+    message: &NormalizedMessage,
+    resolved: &Resolved,
+) -> Routed {
     let signals = rules
         .model
         .compute(message, resolved.customer.contacts_last_24h);
@@ -390,7 +398,7 @@ fn route(rules: &RuleSet, message: &NormalizedMessage, resolved: &Resolved) -> R
             conversation: &resolved.conversation,
             signals: &signals,
         },
-        &|_| 0,
+        &|queue| loads.get(queue),
     );
     for error in &decision.explanation.errors {
         debug!(rule = %error.id, error = %error.error, "Rule failed to evaluate; counted as not matched.");
