@@ -366,7 +366,15 @@ impl RuleSet {
                     Some(source) => {
                         let expression_at = at(source.span().start);
                         match env.compile(source.get_ref()) {
-                            Ok(program) => (Some(program), Some(source.into_inner())),
+                            Ok(program) => {
+                                for unknown in unknown_variables(&program, source.get_ref()) {
+                                    diagnostics.push(expression_at.diagnostic(format!(
+                                        "rule `{}`: `when` uses `{unknown}`, which is not a variable (use message, customer, conversation or signals)",
+                                        def.id
+                                    )));
+                                }
+                                (Some(program), Some(source.into_inner()))
+                            }
                             Err(errors) => {
                                 for error in errors.errors {
                                     diagnostics.push(expression_at.diagnostic(format!(
@@ -556,6 +564,30 @@ impl RuleSet {
             ("tests", Value::from(self.tests.len())),
         ])
     }
+}
+
+/// The variables a `when` expression may use.
+const VARIABLES: &[&str] = &["message", "customer", "conversation", "signals"];
+
+/// Top-level names in `program` that are neither rule variables nor bound by a comprehension
+/// macro (`exists(x, …)`): almost always a typo that would make the rule silently never match.
+fn unknown_variables(program: &cel::Program, source: &str) -> Vec<String> {
+    let mut unknown: Vec<String> = program
+        .references()
+        .variables()
+        .into_iter()
+        .filter(|name| !VARIABLES.contains(name))
+        .filter(|name| {
+            let bound = format!(
+                r"\b(all|exists|exists_one|map|filter)\(\s*{}\s*,",
+                regex::escape(name)
+            );
+            !super::functions::compiled(&bound).is_ok_and(|re| re.is_match(source))
+        })
+        .map(str::to_owned)
+        .collect();
+    unknown.sort();
+    unknown
 }
 
 fn valid_queue_name(name: &str) -> bool {

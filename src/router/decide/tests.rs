@@ -533,3 +533,24 @@ fn skill_levels_are_validated() {
         "{errors}"
     );
 }
+
+#[test]
+fn misspelled_variables_are_load_errors_but_comprehension_variables_are_not() {
+    let errors = RuleSet::from_sources(&[(
+        "r.toml".into(),
+        "[[queue]]\nname = \"general\"\ndefault = true\n\n[[rule]]\nid = \"typo\"\nwhen = 'mesage.text.contains(\"x\") || signal.language == \"de\"'\n".into(),
+    )])
+    .unwrap_err()
+    .to_string();
+    assert!(
+        errors.contains("r.toml:7:8: rule `typo`: `when` uses `mesage`, which is not a variable"),
+        "{errors}"
+    );
+    assert!(errors.contains("uses `signal`,"), "{errors}");
+
+    let ok = RuleSet::from_sources(&[(
+        "r.toml".into(),
+        "[[queue]]\nname = \"general\"\ndefault = true\n\n[[rule]]\nid = \"any\"\nwhen = 'customer.identities.exists(i, i.kind == \"email\") && signals.urgent_keywords.all(k, size(k) > 0)'\n".into(),
+    )]);
+    assert!(ok.is_ok(), "{:?}", ok.err());
+}
