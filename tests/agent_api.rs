@@ -272,15 +272,7 @@ async fn single_node_kill_9_loses_nothing_and_assigns_nothing_twice() {
     let claimed = daemon
         .assignments("general", 55, Duration::from_secs(20))
         .await;
-    let mut ids: Vec<String> = claimed
-        .iter()
-        .map(|(_, e)| {
-            e["data"]["message"]["external_id"]
-                .as_str()
-                .unwrap()
-                .to_owned()
-        })
-        .collect();
+    let mut ids = external_ids(&claimed);
     ids.sort();
     let mut expected: Vec<String> = (0..5)
         .map(|i| format!("claimed-{i}"))

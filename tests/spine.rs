@@ -270,15 +270,7 @@ async fn sigkill_under_load_loses_nothing_and_doubles_nothing(backend: Backend) 
     let general = daemon
         .assignments("general", TOTAL, Duration::from_secs(30))
         .await;
-    let mut ids: Vec<String> = general
-        .iter()
-        .map(|(_, e)| {
-            e["data"]["message"]["external_id"]
-                .as_str()
-                .unwrap()
-                .to_owned()
-        })
-        .collect();
+    let mut ids = external_ids(&general);
     ids.sort();
     let mut unique = ids.clone();
     unique.dedup();

@@ -237,8 +237,6 @@ impl AmqpBus {
     /// Publishes a normalized message to `<p>.inbound` and waits for the broker's confirm.
     pub async fn publish_inbound(&self, message: &NormalizedMessage) -> Result<(), PublishError> {
         if !self.is_connected() {
-            metrics::counter!("switchboard_publish_failures_total", "stage" => "inbound")
-                .increment(1);
             return Err(PublishError::Unavailable(
                 "not connected to RabbitMQ".into(),
             ));
@@ -248,37 +246,20 @@ impl AmqpBus {
             PublishError::Rejected(format!("cannot encode the message: {error}"))
         })?;
         let properties = event_properties(&event.id, event_type::MESSAGE_RECEIVED);
-        let (reply, response) = oneshot::channel();
-        let request = PublishRequest {
+        let request = |reply| PublishRequest {
             exchange: self.shared.topology.inbound(),
             routing_key: message.routing_key(),
             body,
             properties,
             reply,
         };
-        let timeout = self.shared.config.confirm_timeout;
-        let outcome = tokio::time::timeout(timeout, async {
-            self.publish_tx
-                .send(request)
-                .await
-                .map_err(|_| PublishError::Unavailable("the bus is shutting down".into()))?;
-            response
-                .await
-                .map_err(|_| PublishError::Unavailable("the publisher stopped".into()))?
-        })
-        .await;
-        let result = match outcome {
-            Ok(result) => result,
-            Err(_) => Err(PublishError::Unavailable(format!(
-                "no confirm from RabbitMQ within {}",
-                humantime::format_duration(timeout)
-            ))),
-        };
-        if result.is_err() {
-            metrics::counter!("switchboard_publish_failures_total", "stage" => "inbound")
-                .increment(1);
-        }
-        result
+        super::ask_publisher(
+            &self.publish_tx,
+            request,
+            self.shared.config.confirm_timeout,
+            "no confirm from RabbitMQ",
+        )
+        .await
     }
 
     /// The router's transactional link to `<p>.router` and `<p>.assign`.

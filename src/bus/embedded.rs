@@ -123,29 +123,13 @@ impl EmbeddedBus {
         let body = serde_json::to_string(&event).map_err(|error| {
             PublishError::Rejected(format!("cannot encode the message: {error}"))
         })?;
-        let (reply, response) = oneshot::channel();
-        let timeout = self.shared.config.confirm_timeout;
-        let result = tokio::time::timeout(timeout, async {
-            self.publish_tx
-                .send(PublishRequest { body, reply })
-                .await
-                .map_err(|_| PublishError::Unavailable("the bus is shutting down".into()))?;
-            response
-                .await
-                .map_err(|_| PublishError::Unavailable("the publisher stopped".into()))?
-        })
+        super::ask_publisher(
+            &self.publish_tx,
+            |reply| PublishRequest { body, reply },
+            self.shared.config.confirm_timeout,
+            "the store did not commit",
+        )
         .await
-        .unwrap_or_else(|_| {
-            Err(PublishError::Unavailable(format!(
-                "the store did not commit within {}",
-                humantime::format_duration(timeout)
-            )))
-        });
-        if result.is_err() {
-            metrics::counter!("switchboard_publish_failures_total", "stage" => "inbound")
-                .increment(1);
-        }
-        result
     }
 
     pub fn router_link(&self) -> EmbeddedRouterLink {

@@ -141,6 +141,37 @@ pub struct Claimed {
     pub body: String,
 }
 
+/// Hands a publish request to a bus's publisher task and waits up to `timeout` for its answer
+/// (`late` says what did not happen in time).
+pub(crate) async fn ask_publisher<R>(
+    publisher: &tokio::sync::mpsc::Sender<R>,
+    request: impl FnOnce(
+        tokio::sync::oneshot::Sender<Result<(), switchboard_channel::PublishError>>,
+    ) -> R,
+    timeout: std::time::Duration,
+    late: &str,
+) -> Result<(), switchboard_channel::PublishError> {
+    use switchboard_channel::PublishError;
+    let (reply, response) = tokio::sync::oneshot::channel();
+    let asked = async {
+        publisher
+            .send(request(reply))
+            .await
+            .map_err(|_| PublishError::Unavailable("the bus is shutting down".into()))?;
+        response
+            .await
+            .map_err(|_| PublishError::Unavailable("the publisher stopped".into()))?
+    };
+    tokio::time::timeout(timeout, asked)
+        .await
+        .unwrap_or_else(|_| {
+            Err(PublishError::Unavailable(format!(
+                "{late} within {}",
+                humantime::format_duration(timeout)
+            )))
+        })
+}
+
 /// Messages waiting in each agent queue (by rule queue name), sampled every second; what the
 /// router breaks skill ties with, and `switchboard_queue_depth`.
 #[derive(Clone, Default)]
@@ -283,9 +314,14 @@ impl switchboard_channel::Publisher for Bus {
         &self,
         message: &switchboard_channel::NormalizedMessage,
     ) -> Result<(), switchboard_channel::PublishError> {
-        match self {
+        let result = match self {
             Bus::Amqp(bus) => bus.publish_inbound(message).await,
             Bus::Embedded(bus) => bus.publish_inbound(message).await,
+        };
+        if result.is_err() {
+            metrics::counter!("switchboard_publish_failures_total", "stage" => "inbound")
+                .increment(1);
         }
+        result
     }
 }

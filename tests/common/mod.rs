@@ -597,6 +597,19 @@ impl Drop for Proxy {
     }
 }
 
+/// The `external_id` of each assignment, in order.
+pub fn external_ids(assignments: &[(u8, Value)]) -> Vec<String> {
+    assignments
+        .iter()
+        .map(|(_, event)| {
+            event["data"]["message"]["external_id"]
+                .as_str()
+                .expect("an assignment names its message")
+                .to_owned()
+        })
+        .collect()
+}
+
 /// A webchat body.
 pub fn chat(message_id: &str, visitor: &str, text: &str) -> String {
     serde_json::json!({"message_id": message_id, "customer": {"id": visitor}, "text": text})
