@@ -3,7 +3,7 @@
 //!
 //! `cargo bench --bench router_hop` (RabbitMQ on 127.0.0.1:5672). Options through the
 //! environment: `BENCH_MESSAGES` (default 20000), `BENCH_RUNS` (3), `BENCH_RATE` (1000/s),
-//! `BENCH_SECONDS` (10).
+//! `BENCH_SECONDS` (10), `BENCH_ONLY` (`hop` or `raw`: profile one side; the ratio is then NaN).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -459,8 +459,9 @@ fn main() {
         let mut raws = Vec::new();
         let mut ratios = Vec::new();
         for run in 1..=runs {
-            let raw = raw_relay(n).await;
-            let hop = router_hop(n).await;
+            let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+            let raw = if only == "hop" { f64::NAN } else { raw_relay(n).await };
+            let hop = if only == "raw" { f64::NAN } else { router_hop(n).await };
             println!("run {run}: raw relay {raw:.0} msg/s, router hop {hop:.0} msg/s, ratio {:.2}", hop / raw);
             raws.push(raw);
             hops.push(hop);
