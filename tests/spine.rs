@@ -806,3 +806,141 @@ async fn equally_skilled_queues_share_the_load(backend: Backend) {
     );
     daemon.cleanup(&["general", "billing-a", "billing-b"]).await;
 }
+
+on_both_buses!(an_assignment_not_picked_up_within_its_sla_overflows_step_by_step);
+
+/// `first` (SLA 2 s) overflows to `second` (SLA 2 s), which overflows to `third`: each step
+/// adds its queue's urgency bump, is recorded in the explanation and published as
+/// `switchboard.conversation.escalated`. The pending SLA survives a SIGKILL of the daemon.
+async fn an_assignment_not_picked_up_within_its_sla_overflows_step_by_step(backend: Backend) {
+    let prefix = prefix("sla");
+    let rules = tempfile::tempdir().unwrap();
+    let set = r#"
+[[queue]]
+name = "first"
+default = true
+sla = "2s"
+overflow = "second"
+overflow_urgency = 15
+
+[[queue]]
+name = "second"
+sla = "2s"
+overflow = "third"
+
+[[queue]]
+name = "third"
+
+[[rule]]
+id = "base"
+urgency = 20
+"#;
+    write_rules(rules.path(), &[("rules.toml", set)]);
+    let mut config = DaemonConfig::on(backend, &prefix);
+    config.rules = rules.path().to_path_buf();
+    let mut daemon = Daemon::start(config).await;
+    daemon.wait_ready().await;
+    daemon.capture_events().await;
+
+    // Step 1 happens while the daemon is down: the SLA is held by the bus, not by memory.
+    let (status, _) = daemon.post("chat", &chat("m-1", "v-1", "hello")).await;
+    assert_eq!(status, 200);
+    assert!(
+        daemon.wait_depth("first", 1, Duration::from_secs(5)).await,
+        "the assignment never reached `first`"
+    );
+    daemon.kill9();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    daemon.spawn().await;
+    daemon.wait_ready().await;
+    let second = daemon
+        .assignments("second", 1, Duration::from_secs(8))
+        .await;
+    assert_eq!(second.len(), 1, "{}", daemon.log());
+    let (priority, event) = &second[0];
+    let data = &event["data"];
+    assert_eq!(data["queue"], "second");
+    assert_eq!(
+        data["urgency"], 35,
+        "20 from the rule + 15 from first's overflow"
+    );
+    assert_eq!(*priority, 3);
+    assert_eq!(data["priority"], 3);
+    let steps = data["explanation"]["escalations"]
+        .as_array()
+        .expect("escalations");
+    assert_eq!(steps.len(), 1);
+    assert_eq!(steps[0]["from"], "first");
+    assert_eq!(steps[0]["to"], "second");
+    assert_eq!(steps[0]["sla_seconds"], 2);
+    assert_eq!(data["explanation"]["urgency"]["sla:1:first"], 15);
+    assert_eq!(data["explanation"]["urgency"]["total"], 35);
+    assert_eq!(daemon.depth("first").await, 0);
+
+    // Two steps in a row, daemon up: first → second → third.
+    let (status, _) = daemon.post("chat", &chat("m-2", "v-2", "hello")).await;
+    assert_eq!(status, 200);
+    assert!(
+        daemon.wait_depth("third", 1, Duration::from_secs(10)).await,
+        "m-2 never overflowed to `third`: {}",
+        daemon.log()
+    );
+    let third = daemon.assignments("third", 1, Duration::from_secs(2)).await;
+    assert_eq!(third.len(), 1);
+    let data = &third[0].1["data"];
+    assert_eq!(
+        data["urgency"], 45,
+        "20 + 15 (first) + 10 (second's default bump)"
+    );
+    let steps = data["explanation"]["escalations"]
+        .as_array()
+        .expect("escalations");
+    let path: Vec<(&str, &str)> = steps
+        .iter()
+        .map(|s| (s["from"].as_str().unwrap(), s["to"].as_str().unwrap()))
+        .collect();
+    assert_eq!(path, [("first", "second"), ("second", "third")]);
+    assert_eq!(
+        daemon.depth("first").await + daemon.depth("second").await,
+        0
+    );
+
+    let events = daemon.events().await;
+    let escalations: Vec<(String, u64, String, String)> = events
+        .iter()
+        .filter(|e| e["type"] == "switchboard.conversation.escalated")
+        .map(|e| {
+            let d = &e["data"];
+            (
+                d["message_id"].as_str().unwrap().to_owned(),
+                d["step"].as_u64().unwrap(),
+                d["from_queue"].as_str().unwrap().to_owned(),
+                d["to_queue"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let m1 = first_message_id(&second[0].1);
+    let m2 = first_message_id(&third[0].1);
+    assert_eq!(
+        escalations,
+        [
+            (m1, 1, "first".into(), "second".into()),
+            (m2.clone(), 1, "first".into(), "second".into()),
+            (m2, 2, "second".into(), "third".into()),
+        ],
+        "exactly one event per step"
+    );
+    let metrics = daemon.metrics().await;
+    assert!(
+        metrics.contains("switchboard_escalations_total{from=\"second\",to=\"third\"} 1"),
+        "{metrics}"
+    );
+    daemon.cleanup(&["first", "second", "third"]).await;
+}
+
+fn first_message_id(assignment: &serde_json::Value) -> String {
+    assignment["data"]["message"]["message_id"]
+        .as_str()
+        .expect("message_id")
+        .to_owned()
+}

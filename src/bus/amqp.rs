@@ -226,9 +226,10 @@ impl AmqpBus {
             queues.extend(names.iter().cloned());
         }
         let connection = self.shared.current().ok_or(BusError::Disconnected)?;
-        let channel = connection.create_channel().await?;
+        let mut channel = connection.create_channel().await?;
         for name in names {
-            declare_agent_queue(&channel, &self.shared.topology, name).await?;
+            channel =
+                declare_agent_queue(&connection, channel, &self.shared.topology, name).await?;
         }
         let _ = channel.close(200, "declared".into()).await;
         Ok(())
@@ -391,7 +392,7 @@ async fn connect_and_declare(shared: &Shared) -> Result<Arc<Connection>, BusErro
     .map_err(|_| BusError::Disconnected)??;
     let channel = connection.create_channel().await?;
     let queues: Vec<String> = lock(&shared.agent_queues).iter().cloned().collect();
-    let channel = declare_topology(
+    let mut channel = declare_topology(
         &connection,
         &channel,
         &shared.topology,
@@ -399,7 +400,7 @@ async fn connect_and_declare(shared: &Shared) -> Result<Arc<Connection>, BusErro
     )
     .await?;
     for queue in &queues {
-        declare_agent_queue(&channel, &shared.topology, queue).await?;
+        channel = declare_agent_queue(&connection, channel, &shared.topology, queue).await?;
     }
     let _ = channel.close(200, "declared".into()).await;
     Ok(Arc::new(connection))
@@ -434,6 +435,7 @@ async fn declare_topology(
         (topology.outbound(), ExchangeKind::Topic),
         (topology.events(), ExchangeKind::Topic),
         (topology.dlx(), ExchangeKind::Fanout),
+        (topology.expired(), ExchangeKind::Fanout),
     ] {
         channel
             .exchange_declare(name.as_str().into(), kind, durable(), none())
@@ -492,29 +494,62 @@ async fn declare_topology(
         }
         Err(error) => return Err(error.into()),
     };
-    channel
-        .queue_bind(
-            topology.router().as_str().into(),
-            topology.inbound().as_str().into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            none(),
-        )
-        .await?;
+    for (exchange, key) in [(topology.inbound(), "#"), (topology.expired(), "")] {
+        channel
+            .queue_bind(
+                topology.router().as_str().into(),
+                exchange.as_str().into(),
+                key.into(),
+                QueueBindOptions::default(),
+                none(),
+            )
+            .await?;
+    }
     Ok(channel)
 }
 
+/// Declares one agent queue and binds it to `<p>.assign`. Returns the channel to go on with
+/// (a fresh one if the broker closed this one).
+///
+/// Agent queues dead-letter to `<p>.expired`, which feeds the router: that is how an
+/// assignment whose SLA passed (per-message TTL) comes back to be overflowed.
 async fn declare_agent_queue(
-    channel: &Channel,
+    connection: &Connection,
+    channel: Channel,
     topology: &Topology,
     queue: &str,
-) -> Result<(), BusError> {
+) -> Result<Channel, BusError> {
     let name = topology.agent_queue(queue);
     let mut args = FieldTable::default();
     args.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(10));
-    channel
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(topology.expired().as_str().into()),
+    );
+    let channel = match channel
         .queue_declare(name.as_str().into(), durable_queue(), args)
-        .await?;
+        .await
+    {
+        Ok(_) => channel,
+        // Declared by an older version, without the dead-letter exchange: keep using it as it
+        // is; its SLA overflow does not work until the queue is drained and deleted.
+        Err(error) if error.to_string().contains("PRECONDITION_FAILED") => {
+            warn!(queue = %name, %error, "The agent queue exists with other arguments; using it as it is. SLA overflow needs its dead-letter exchange: drain and delete the queue to re-create it.");
+            let channel = connection.create_channel().await?;
+            channel
+                .queue_declare(
+                    name.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await?;
+            channel
+        }
+        Err(error) => return Err(error.into()),
+    };
     channel
         .queue_bind(
             name.as_str().into(),
@@ -524,7 +559,7 @@ async fn declare_agent_queue(
             FieldTable::default(),
         )
         .await?;
-    Ok(())
+    Ok(channel)
 }
 
 /// The only task that publishes on the confirm channel. Sends a batch, then waits for its
@@ -665,10 +700,21 @@ impl Session {
     fn take(&mut self, delivery: lapin::message::Delivery) -> Delivery {
         self.bodies
             .insert(delivery.delivery_tag, delivery.data.clone());
+        let death_reason = delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|headers| headers.inner().get("x-first-death-reason"))
+            .and_then(|value| match value {
+                AMQPValue::LongString(text) => Some(text.to_string()),
+                AMQPValue::ShortString(text) => Some(text.to_string()),
+                _ => None,
+            });
         Delivery {
             tag: delivery.delivery_tag,
             body: delivery.data,
             redelivered: delivery.redelivered,
+            death_reason,
         }
     }
 
@@ -747,22 +793,19 @@ impl RouterLink for AmqpRouterLink {
         let session = self.session().await?;
         for (tag, outcome) in &outcomes {
             match outcome {
-                Outcome::Assign(Assignment {
-                    queue,
-                    priority,
-                    event_id,
-                    body,
-                }) => {
-                    let properties = event_properties(event_id, event_type::CONVERSATION_ASSIGNED)
-                        .with_priority(*priority);
+                Outcome::Assign(assignment) => {
+                    publish_assignment(&session.channel, &topology, assignment).await?;
+                }
+                Outcome::Escalate { assignment, event } => {
+                    publish_assignment(&session.channel, &topology, assignment).await?;
                     session
                         .channel
                         .basic_publish(
-                            topology.assign().as_str().into(),
-                            queue.as_str().into(),
+                            topology.events().as_str().into(),
+                            event.key.as_str().into(),
                             BasicPublishOptions::default(),
-                            body.as_bytes(),
-                            properties,
+                            event.body.as_bytes(),
+                            event_properties(&event.event_id, &event.ty),
                         )
                         .await?;
                 }
@@ -815,4 +858,28 @@ impl RouterLink for AmqpRouterLink {
         }
         Ok(())
     }
+}
+
+/// Publishes an assignment on the router's transactional channel; an SLA becomes the message's
+/// TTL, after which the agent queue dead-letters it back to the router.
+async fn publish_assignment(
+    channel: &Channel,
+    topology: &Topology,
+    assignment: &Assignment,
+) -> Result<(), BusError> {
+    let mut properties = event_properties(&assignment.event_id, event_type::CONVERSATION_ASSIGNED)
+        .with_priority(assignment.priority);
+    if let Some(ms) = assignment.expires_ms {
+        properties = properties.with_expiration(ms.max(1).to_string().into());
+    }
+    channel
+        .basic_publish(
+            topology.assign().as_str().into(),
+            assignment.queue.as_str().into(),
+            BasicPublishOptions::default(),
+            assignment.body.as_bytes(),
+            properties,
+        )
+        .await?;
+    Ok(())
 }

@@ -9,7 +9,12 @@
 //! - the router's commit (publish assignments + dead letters + acknowledge inputs) is one
 //!   SQLite transaction, so a crash cannot split it;
 //! - consumers wait on an in-process notification, woken by the commit that made work ready,
-//!   or at the moment the next lease expires; no polling.
+//!   or at the moment the next lease expires; no polling;
+//! - an assignment published with an SLA (`expires_at`) that is still waiting when it passes
+//!   moves back to the router queue with `x-first-death-reason: expired`, as RabbitMQ's
+//!   per-message TTL + dead-lettering does; the router overflows it. A claimed (leased)
+//!   assignment is picked up and does not expire unless its lease runs out;
+//! - lifecycle events go to `bus_events` (newest 10,000 kept).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -26,7 +31,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::{
-    Assignment, BusError, Delivery, Outcome, PendingCommit, REASON_HEADER, RouterLink, Topology,
+    Assignment, BusError, Delivery, Event, Outcome, PendingCommit, REASON_HEADER, RouterLink,
+    Topology,
 };
 use crate::config::BusConfig;
 
@@ -35,6 +41,10 @@ use crate::config::BusConfig;
 const ROUTER_LEASE: Duration = Duration::from_secs(30);
 /// Publishes grouped into one commit at most.
 const PUBLISH_BATCH: usize = 512;
+/// Lifecycle events kept in `bus_events`.
+const EVENTS_KEPT: i64 = 10_000;
+/// The expiry sweeper looks at least this often (it also wakes at the next known deadline).
+const EXPIRY_TICK: Duration = Duration::from_secs(1);
 
 pub fn now_ms() -> i64 {
     i64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
@@ -50,6 +60,17 @@ pub struct Leased {
     /// Deliveries before this one.
     pub previous_attempts: i64,
     pub lease_expires_ms: i64,
+    /// Headers as a JSON object (reasons set by dead-lettering and expiry).
+    pub headers: String,
+}
+
+/// A lifecycle event read back from `bus_events`.
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    pub id: i64,
+    pub ty: String,
+    pub key: String,
+    pub body: String,
 }
 
 #[derive(Clone)]
@@ -63,6 +84,8 @@ struct Shared {
     topology: Topology,
     config: BusConfig,
     wakers: Mutex<HashMap<String, Arc<Notify>>>,
+    /// Woken when an assignment with an SLA was committed (the sweeper recomputes its wait).
+    expiry: Notify,
 }
 
 struct PublishRequest {
@@ -84,6 +107,7 @@ impl EmbeddedBus {
             topology: Topology::new(&config.prefix),
             config: config.clone(),
             wakers: Mutex::new(HashMap::new()),
+            expiry: Notify::new(),
         });
         let released = sqlx::query(
             "UPDATE bus_messages SET visible_at = ?, lease_id = NULL
@@ -102,7 +126,8 @@ impl EmbeddedBus {
             );
         }
         let (publish_tx, publish_rx) = mpsc::channel(PUBLISH_BATCH * 4);
-        tracker.spawn(run_publisher(shared.clone(), publish_rx, cancel));
+        tracker.spawn(run_publisher(shared.clone(), publish_rx, cancel.clone()));
+        tracker.spawn(run_expiry(shared.clone(), cancel));
         Ok(Self { shared, publish_tx })
     }
 
@@ -190,6 +215,27 @@ impl EmbeddedBus {
         Ok(deleted == 1)
     }
 
+    /// Lifecycle events with an id above `after`, oldest first, at most `limit`.
+    pub async fn events(&self, after: i64, limit: u32) -> Result<Vec<StoredEvent>, BusError> {
+        let rows = sqlx::query(
+            "SELECT id, type, routing_key, body FROM bus_events WHERE id > ? ORDER BY id LIMIT ?",
+        )
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.shared.pool)
+        .await
+        .map_err(store_error)?;
+        Ok(rows
+            .iter()
+            .map(|row| StoredEvent {
+                id: row.get("id"),
+                ty: row.get("type"),
+                key: row.get("routing_key"),
+                body: row.get("body"),
+            })
+            .collect())
+    }
+
     /// Messages waiting (ready or leased) in each agent queue of `queues`.
     pub async fn depths(&self, queues: &[String]) -> Result<HashMap<String, u64>, BusError> {
         let mut depths = HashMap::new();
@@ -249,7 +295,7 @@ impl Shared {
             "UPDATE bus_messages SET lease_id = ?1, visible_at = ?2, attempts = attempts + 1
              WHERE id IN (SELECT id FROM bus_messages WHERE queue = ?3 AND visible_at <= ?4
                           ORDER BY priority DESC, id LIMIT ?5)
-             RETURNING id, priority, body, attempts",
+             RETURNING id, priority, body, attempts, headers",
         )
         .bind(lease_id)
         .bind(now.saturating_add(lease_ms))
@@ -276,6 +322,7 @@ impl Shared {
                 body: row.get("body"),
                 previous_attempts: attempts - 1,
                 lease_expires_ms: now.saturating_add(lease_ms),
+                headers: row.get("headers"),
             });
         }
         if !poisoned.is_empty() {
@@ -316,6 +363,59 @@ impl Shared {
 }
 
 /// Groups concurrent publishes into one commit each.
+/// Moves assignments whose SLA passed while they waited back to the router queue, marked
+/// `x-first-death-reason: expired` (RabbitMQ's TTL dead-lettering, in SQL). Sleeps until the
+/// next deadline, a new assignment with an SLA, or [`EXPIRY_TICK`].
+async fn run_expiry(shared: Arc<Shared>, cancel: CancellationToken) {
+    let router = shared.topology.router();
+    loop {
+        let now = now_ms();
+        let moved = sqlx::query(
+            "UPDATE bus_messages
+             SET headers = json_object('x-first-death-reason', 'expired',
+                                       'x-first-death-queue', queue),
+                 queue = ?1, priority = 0, expires_at = NULL, attempts = 0, lease_id = NULL,
+                 visible_at = ?2
+             WHERE expires_at IS NOT NULL AND expires_at <= ?2 AND visible_at <= ?2",
+        )
+        .bind(&router)
+        .bind(now)
+        .execute(&shared.pool)
+        .await;
+        let next = match moved {
+            Ok(done) => {
+                if done.rows_affected() > 0 {
+                    debug!(
+                        count = done.rows_affected(),
+                        "Assignments past their SLA handed back to the router."
+                    );
+                    shared.wake(&router);
+                }
+                // A leased assignment expires only once its lease ran out.
+                sqlx::query_scalar::<_, Option<i64>>(
+                    "SELECT min(max(expires_at, visible_at)) FROM bus_messages
+                     WHERE expires_at IS NOT NULL",
+                )
+                .fetch_one(&shared.pool)
+                .await
+                .ok()
+                .flatten()
+            }
+            Err(error) => {
+                warn!(%error, "Cannot move expired assignments; retrying.");
+                None
+            }
+        };
+        let tick = tokio::time::Instant::now() + EXPIRY_TICK;
+        let wake_at = next.map_or(tick, |at| instant_at(at).min(tick));
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            () = shared.expiry.notified() => {}
+            () = tokio::time::sleep_until(wake_at) => {}
+        }
+    }
+}
+
 async fn run_publisher(
     shared: Arc<Shared>,
     mut requests: mpsc::Receiver<PublishRequest>,
@@ -396,10 +496,19 @@ impl EmbeddedRouterLink {
             .map(|leased| {
                 let tag = u64::try_from(leased.id).unwrap_or_default();
                 self.held.insert(tag, leased.body.clone());
+                let death_reason = serde_json::from_str::<Value>(&leased.headers)
+                    .ok()
+                    .and_then(|headers| {
+                        headers
+                            .get("x-first-death-reason")
+                            .and_then(Value::as_str)
+                            .map(str::to_owned)
+                    });
                 Delivery {
                     tag,
                     body: leased.body.into_bytes(),
                     redelivered: leased.previous_attempts > 0,
+                    death_reason,
                 }
             })
             .collect())
@@ -439,23 +548,35 @@ impl RouterLink for EmbeddedRouterLink {
         let topology = &self.shared.topology;
         let now = now_ms();
         let mut assignments = Vec::new();
+        let mut events = Vec::new();
         let mut dead = Vec::new();
         let mut ids = Vec::with_capacity(outcomes.len());
         let mut queues = Vec::new();
+        let mut expiring = false;
+        let mut assign = |assignment: &Assignment| {
+            let name = topology.agent_queue(&assignment.queue);
+            if !queues.contains(&name) {
+                queues.push(name.clone());
+            }
+            let expires_at = assignment.expires_ms.map(|ms| {
+                expiring = true;
+                now.saturating_add(i64::try_from(ms).unwrap_or(i64::MAX))
+            });
+            assignments.push(json!({
+                "queue": name,
+                "priority": assignment.priority,
+                "body": assignment.body,
+                "expires_at": expires_at,
+            }));
+        };
         for (tag, outcome) in &outcomes {
             ids.push(*tag);
             match outcome {
-                Outcome::Assign(Assignment {
-                    queue,
-                    priority,
-                    body,
-                    ..
-                }) => {
-                    let name = topology.agent_queue(queue);
-                    if !queues.contains(&name) {
-                        queues.push(name.clone());
-                    }
-                    assignments.push(json!({"queue": name, "priority": priority, "body": body}));
+                Outcome::Assign(assignment) => assign(assignment),
+                Outcome::Escalate { assignment, event } => {
+                    assign(assignment);
+                    let Event { key, ty, body, .. } = event;
+                    events.push(json!({"type": ty, "key": key, "body": body}));
                 }
                 Outcome::Dead(reason) => {
                     let body = self.held.get(tag).cloned().unwrap_or_default();
@@ -492,8 +613,9 @@ impl RouterLink for EmbeddedRouterLink {
         }
         if !assignments.is_empty() {
             sqlx::query(
-                "INSERT INTO bus_messages (queue, priority, body, visible_at, created_at)
-                 SELECT value ->> 'queue', value ->> 'priority', value ->> 'body', ?1, ?1
+                "INSERT INTO bus_messages (queue, priority, body, expires_at, visible_at, created_at)
+                 SELECT value ->> 'queue', value ->> 'priority', value ->> 'body',
+                        value ->> 'expires_at', ?1, ?1
                  FROM json_each(?2)",
             )
             .bind(now)
@@ -514,9 +636,28 @@ impl RouterLink for EmbeddedRouterLink {
             .await
             .map_err(store_error)?;
         }
+        if !events.is_empty() {
+            sqlx::query(
+                "INSERT INTO bus_events (type, routing_key, body, created_at)
+                 SELECT value ->> 'type', value ->> 'key', value ->> 'body', ?1 FROM json_each(?2)",
+            )
+            .bind(now)
+            .bind(Value::Array(events).to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(store_error)?;
+            sqlx::query("DELETE FROM bus_events WHERE id <= (SELECT max(id) FROM bus_events) - ?")
+                .bind(EVENTS_KEPT)
+                .execute(&mut *tx)
+                .await
+                .map_err(store_error)?;
+        }
         tx.commit().await.map_err(store_error)?;
         for (tag, _) in &outcomes {
             self.held.remove(tag);
+        }
+        if expiring {
+            self.shared.expiry.notify_one();
         }
         for queue in &queues {
             self.shared.wake(queue);

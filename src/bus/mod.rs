@@ -44,7 +44,14 @@ impl Topology {
     pub fn dead(&self) -> String {
         format!("{}.dead", self.prefix)
     }
+    /// Where agent queues dead-letter assignments whose SLA passed: bound to the router queue.
+    pub fn expired(&self) -> String {
+        format!("{}.expired", self.prefix)
+    }
 }
+
+/// Routing key of `switchboard.conversation.escalated` on `<p>.events`.
+pub const ESCALATED_KEY: &str = "conversation.escalated";
 
 /// Header naming why a message was dead-lettered by Switchboard.
 pub const REASON_HEADER: &str = "x-switchboard-reason";
@@ -69,6 +76,9 @@ pub struct Delivery {
     pub body: Vec<u8>,
     /// True when the bus handed this message out before (a consumer died or gave it back).
     pub redelivered: bool,
+    /// Why the message came back from an agent queue (`expired`: its SLA passed, `rejected`:
+    /// an agent refused it), from the broker's dead-lettering; `None` for a fresh message.
+    pub death_reason: Option<String>,
 }
 
 /// What becomes of a delivery when the batch commits.
@@ -76,6 +86,11 @@ pub struct Delivery {
 pub enum Outcome {
     /// Publish this assignment to its agent queue, and acknowledge the delivery.
     Assign(Assignment),
+    /// Publish this assignment, publish `event` to `<p>.events`, and acknowledge.
+    Escalate {
+        assignment: Assignment,
+        event: Event,
+    },
     /// Acknowledge only (a duplicate already handled).
     Ack,
     /// Move the delivery to the dead queue with this reason.
@@ -88,6 +103,18 @@ pub struct Assignment {
     pub queue: String,
     pub priority: u8,
     pub event_id: String,
+    pub body: String,
+    /// The queue's SLA: past this wait in the queue the bus hands the assignment back to the
+    /// router (AMQP per-message TTL dead-lettered to `<p>.expired`), which overflows it.
+    pub expires_ms: Option<u64>,
+}
+
+/// A lifecycle event for `<p>.events`.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub key: String,
+    pub event_id: String,
+    pub ty: String,
     pub body: String,
 }
 

@@ -181,6 +181,71 @@ pub async fn ack(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> 
     }
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsQuery {
+    after: Option<i64>,
+    limit: Option<u32>,
+}
+
+/// Events returned per page at most.
+const MAX_EVENTS: u32 = 1000;
+
+/// `GET /api/v1/events?after=ID&limit=N`: lifecycle events (`switchboard.conversation.
+/// escalated`, …), oldest first, on the embedded bus. On RabbitMQ they are on `<p>.events`.
+pub async fn events(
+    State(state): State<Arc<AppState>>,
+    query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Ok(Query(query)) = query else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_parameter",
+            "events takes `after` (an event id) and `limit` (1–1000)",
+        );
+    };
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=MAX_EVENTS).contains(&limit) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_parameter",
+            format!("`limit` must be 1–{MAX_EVENTS}"),
+        );
+    }
+    let crate::bus::Bus::Embedded(bus) = &state.bus else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_on_this_bus",
+            format!(
+                "on RabbitMQ, events are published to the `{}` exchange (routing key = event kind, e.g. conversation.escalated): bind a queue to it",
+                state.bus.topology().events()
+            ),
+        );
+    };
+    match bus.events(query.after.unwrap_or(0), limit).await {
+        Ok(events) => {
+            let events: Vec<Value> = events
+                .into_iter()
+                .map(|event| {
+                    json!({
+                        "id": event.id,
+                        "type": event.ty,
+                        "routing_key": event.key,
+                        "event": serde_json::from_str::<Value>(&event.body)
+                            .unwrap_or(Value::String(event.body)),
+                    })
+                })
+                .collect();
+            Json(json!({ "events": events })).into_response()
+        }
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "bus_unavailable",
+            e.to_string(),
+        ),
+    }
+}
+
 /// `GET /api/v1/rules`: the active rule set.
 pub async fn rules(State(state): State<Arc<AppState>>) -> Response {
     let rules = state.rules.load();

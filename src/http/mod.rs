@@ -45,6 +45,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/queues/{name}/claim", post(api::claim))
         .route("/assignments/{id}/ack", post(api::ack))
         .route("/rules", get(api::rules))
+        .route("/events", get(api::events))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             api::require_token,

@@ -72,6 +72,8 @@ pub struct Queue {
     pub sla: Option<Duration>,
     /// Next queue when the SLA passes.
     pub overflow: Option<String>,
+    /// Urgency points added at each overflow out of this queue.
+    pub overflow_urgency: u8,
     pub default: bool,
     /// Opening hours; `None` is always open.
     pub hours: Option<super::hours::Hours>,
@@ -282,6 +284,7 @@ impl RuleSet {
             for spanned in parsed.queue {
                 let location = at(spanned.span().start);
                 let def = spanned.into_inner();
+                let sla_given = def.sla.is_some();
                 let sla = match def.sla.map(|s| (humantime::parse_duration(s.get_ref()), s)) {
                     None => None,
                     Some((Ok(duration), _)) => Some(duration),
@@ -295,6 +298,18 @@ impl RuleSet {
                     }
                 };
                 if let Some(overflow) = &def.overflow {
+                    if !sla_given {
+                        diagnostics.push(at(overflow.span().start).diagnostic(format!(
+                            "queue `{}`: overflow needs an `sla` (the wait after which it applies)",
+                            def.name
+                        )));
+                    }
+                    if overflow.get_ref() == &def.name {
+                        diagnostics.push(
+                            at(overflow.span().start)
+                                .diagnostic(format!("queue `{}` overflows to itself", def.name)),
+                        );
+                    }
                     queue_refs.push((
                         overflow.get_ref().clone(),
                         at(overflow.span().start),
@@ -350,6 +365,7 @@ impl RuleSet {
                         languages: def.languages.unwrap_or_else(|| vec!["*".to_owned()]),
                         sla,
                         overflow: def.overflow.map(Spanned::into_inner),
+                        overflow_urgency: def.overflow_urgency,
                         default: def.default,
                         hours,
                         after_hours: def.after_hours.map(Spanned::into_inner),
@@ -450,6 +466,35 @@ impl RuleSet {
                 diagnostics.push(location.diagnostic(format!(
                     "{key} names queue `{target}`, which no [[queue]] defines"
                 )));
+            }
+        }
+        // An overflow chain must end: a → b → a would bounce a waiting conversation forever.
+        let overflow_of: HashMap<&str, &str> = queues
+            .iter()
+            .filter_map(|(q, _)| q.overflow.as_deref().map(|o| (q.name.as_str(), o)))
+            .collect();
+        let mut reported = HashSet::new();
+        for (queue, location) in &queues {
+            let mut chain = vec![queue.name.as_str()];
+            let mut next = overflow_of.get(queue.name.as_str()).copied();
+            while let Some(step) = next {
+                if step == queue.name && chain.len() > 1 {
+                    let mut members: Vec<&str> = chain.clone();
+                    members.sort_unstable();
+                    if reported.insert(members) {
+                        chain.push(step);
+                        diagnostics.push(
+                            location
+                                .diagnostic(format!("overflow chain loops: {}", chain.join(" → "))),
+                        );
+                    }
+                    break;
+                }
+                if chain.contains(&step) {
+                    break;
+                }
+                chain.push(step);
+                next = overflow_of.get(step).copied();
             }
         }
         let defaults: Vec<&(Queue, Location)> = queues.iter().filter(|(q, _)| q.default).collect();
@@ -650,6 +695,8 @@ struct QueueDef {
     sla: Option<Spanned<String>>,
     #[serde(default)]
     overflow: Option<Spanned<String>>,
+    #[serde(default = "default_overflow_urgency")]
+    overflow_urgency: u8,
     #[serde(default)]
     default: bool,
     #[serde(default)]
@@ -664,6 +711,13 @@ struct QueueDef {
 enum SkillDef {
     Name(String),
     Table { name: String, level: u8 },
+}
+
+/// Urgency points an overflow step adds unless the queue says otherwise.
+const DEFAULT_OVERFLOW_URGENCY: u8 = 10;
+
+fn default_overflow_urgency() -> u8 {
+    DEFAULT_OVERFLOW_URGENCY
 }
 
 /// Default proficiency of a skill listed without one.

@@ -256,7 +256,21 @@ impl Router {
         let mut to_route = Vec::new();
         let mut positions = Vec::new();
         let mut keys = HashSet::new();
+        let rules = self.rules.load_full();
         for (index, delivery) in batch.iter().enumerate() {
+            if let Some(reason) = &delivery.death_reason {
+                // An assignment handed back by an agent queue (its SLA passed).
+                outcomes[index] = Some(
+                    super::overflow::returned(
+                        &rules,
+                        &delivery.body,
+                        reason,
+                        OffsetDateTime::now_utc(),
+                    )
+                    .unwrap_or_else(dead),
+                );
+                continue;
+            }
             match parse(delivery) {
                 Err(reason) => outcomes[index] = Some(dead(reason)),
                 Ok(message) => {
@@ -273,7 +287,6 @@ impl Router {
 
         let now_ms = i64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000)
             .unwrap_or(i64::MAX);
-        let rules = self.rules.load_full();
         let decide_one = |message: &NormalizedMessage, resolved: &Resolved| {
             route(&rules, &self.loads, message, resolved)
         };
@@ -315,6 +328,7 @@ impl Router {
                     publish_keys.push((message.channel.id.clone(), message.external_id.clone()));
                     queues.push(queue.clone());
                     Outcome::Assign(Assignment {
+                        expires_ms: super::overflow::expiry_ms(&rules, &queue),
                         queue,
                         priority,
                         event_id: assignment_event_id(message),

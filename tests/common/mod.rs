@@ -369,6 +369,76 @@ impl Daemon {
         }
     }
 
+    /// Starts capturing lifecycle events: on RabbitMQ a queue `<p>.test-events` bound to
+    /// `<p>.events` (call after the daemon declared its topology); the embedded bus keeps them.
+    pub async fn capture_events(&self) {
+        if self.backend == Backend::Amqp {
+            let rabbit = rabbit().await;
+            let channel = rabbit.create_channel().await.expect("channel");
+            let queue = format!("{}.test-events", self.prefix);
+            channel
+                .queue_declare(
+                    queue.as_str().into(),
+                    lapin::options::QueueDeclareOptions::default(),
+                    lapin::types::FieldTable::default(),
+                )
+                .await
+                .expect("declare the events queue");
+            channel
+                .queue_bind(
+                    queue.as_str().into(),
+                    format!("{}.events", self.prefix).as_str().into(),
+                    "#".into(),
+                    lapin::options::QueueBindOptions::default(),
+                    lapin::types::FieldTable::default(),
+                )
+                .await
+                .expect("bind the events queue");
+        }
+    }
+
+    /// Lifecycle events so far (CloudEvents), oldest first; see [`Daemon::capture_events`].
+    pub async fn events(&self) -> Vec<Value> {
+        match self.backend {
+            Backend::Amqp => drain(&rabbit().await, &format!("{}.test-events", self.prefix))
+                .await
+                .into_iter()
+                .map(|(_, event)| event)
+                .collect(),
+            Backend::Embedded => {
+                let response = self
+                    .http
+                    .get(self.url("/api/v1/events?limit=1000"))
+                    .bearer_auth(ADMIN_TOKEN)
+                    .send()
+                    .await
+                    .expect("events");
+                assert_eq!(response.status().as_u16(), 200);
+                let body: Value = response.json().await.expect("events JSON");
+                body["events"]
+                    .as_array()
+                    .expect("events list")
+                    .iter()
+                    .map(|e| e["event"].clone())
+                    .collect()
+            }
+        }
+    }
+
+    /// Waits until agent queue `queue` holds at least `count` messages; false at the deadline.
+    pub async fn wait_depth(&self, queue: &str, count: usize, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        loop {
+            if self.depth(queue).await >= count {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Messages in agent queue `queue` (ready or leased), without taking them.
     pub async fn depth(&self, queue: &str) -> usize {
         let name = format!("{}.queue.{queue}", self.prefix);
@@ -513,7 +583,15 @@ pub async fn cleanup(connection: &Connection, prefix: &str, queues: &[&str]) {
             .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
             .await;
     }
-    for exchange in ["inbound", "assign", "outbound", "events", "dlx"] {
+    for queue in ["test-events"] {
+        let _ = channel
+            .queue_delete(
+                format!("{prefix}.{queue}").as_str().into(),
+                QueueDeleteOptions::default(),
+            )
+            .await;
+    }
+    for exchange in ["inbound", "assign", "outbound", "events", "dlx", "expired"] {
         let _ = channel
             .exchange_delete(
                 format!("{prefix}.{exchange}").as_str().into(),
