@@ -9,7 +9,16 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::json;
 
-const QUEUES: &[&str] = &["general", "billing", "technical", "sales", "escalations"];
+const QUEUES: &[&str] = &[
+    "general",
+    "billing",
+    "technical",
+    "support-es",
+    "support-fr",
+    "sales",
+    "vip",
+    "escalations",
+];
 
 on_both_buses!(
     claim_ack_and_lease_expiry,
@@ -111,10 +120,7 @@ async fn claim_api_refuses_bad_requests(backend: Backend) {
         .unwrap();
     assert_eq!(response.status(), 200);
     let rules: serde_json::Value = response.json().await.unwrap();
-    assert_eq!(
-        rules["queues"],
-        json!(["general", "billing", "technical", "sales", "escalations"])
-    );
+    assert_eq!(rules["queues"], json!(QUEUES));
     daemon.cleanup(QUEUES).await;
 }
 

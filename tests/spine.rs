@@ -9,7 +9,16 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::json;
 
-const QUEUES: &[&str] = &["general", "billing", "technical", "sales", "escalations"];
+const QUEUES: &[&str] = &[
+    "general",
+    "billing",
+    "technical",
+    "support-es",
+    "support-fr",
+    "sales",
+    "vip",
+    "escalations",
+];
 
 on_both_buses!(
     messages_land_once_in_the_rule_queue_with_priority_by_urgency,
@@ -44,6 +53,32 @@ async fn messages_land_once_in_the_rule_queue_with_priority_by_urgency(backend: 
                      "text": "REFUND NOW!! CHARGED TWICE", "attributes": {"tier": "vip"}});
     let (status, _) = daemon.post("chat", &vip.to_string()).await;
     assert_eq!(status, 200);
+    // A legal threat about an invoice: hard-routed to escalations, not to billing.
+    let (status, _) = daemon
+        .post(
+            "chat",
+            &chat(
+                "m-legal",
+                "visitor-4",
+                "My lawyer will hear about this invoice",
+            ),
+        )
+        .await;
+    assert_eq!(status, 200);
+
+    let escalations = daemon
+        .assignments("escalations", 1, Duration::from_secs(10))
+        .await;
+    assert_eq!(escalations.len(), 1, "{escalations:?}");
+    let legal = &escalations[0].1["data"];
+    assert_eq!(legal["message"]["external_id"], "m-legal");
+    assert_eq!(
+        legal["explanation"]["queue_reason"],
+        "hard route by rule `legal`"
+    );
+    assert_eq!(legal["tags"], json!(["legal"]));
+    assert_eq!(legal["urgency"], 60, "legal 50 + refunds 10");
+    assert_eq!(escalations[0].0, 6);
 
     let billing = daemon
         .assignments("billing", 2, Duration::from_secs(10))
@@ -101,9 +136,13 @@ async fn messages_land_once_in_the_rule_queue_with_priority_by_urgency(backend: 
 
     let vip = &vip_event["data"];
     assert_eq!(
-        vip["urgency"], 50,
-        "refund 10 + vip 30 + shouting 10: {}",
+        vip["urgency"], 57,
+        "refund 10 + vip 30 + shouting 10 + negative sentiment 7: {}",
         vip["explanation"]
+    );
+    assert_eq!(
+        vip["explanation"]["urgency"]["signal:negative_sentiment"],
+        7
     );
     assert_eq!(vip["priority"], 5);
     assert_eq!(vip["context"]["customer"]["attributes"]["tier"], "vip");

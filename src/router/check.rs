@@ -155,6 +155,17 @@ fn run_one(rules: &RuleSet, test: &RuleTest) -> Vec<String> {
             decision.urgency
         ));
     }
+    if let Some(language) = &expect.language
+        && decision.language.as_deref() != Some(language.as_str())
+    {
+        problems.push(format!(
+            "expected language `{language}`, got {}",
+            decision
+                .language
+                .as_deref()
+                .map_or("none".to_owned(), |l| format!("`{l}`"))
+        ));
+    }
     for tag in &expect.tags {
         if !decision.tags.contains(tag) {
             problems.push(format!(

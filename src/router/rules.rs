@@ -162,6 +162,9 @@ pub struct TestExpect {
     pub urgency_at_most: Option<u8>,
     #[serde(default)]
     pub tags: Vec<String>,
+    /// The detected language (ISO 639-1).
+    #[serde(default)]
+    pub language: Option<String>,
 }
 
 /// A validated, compiled, immutable set of queues and rules.

@@ -16,6 +16,9 @@ use super::decide::Signals;
 /// Below this confidence the language counts as unknown (no language filter on queues).
 const MIN_LANGUAGE_CONFIDENCE: f64 = 0.3;
 
+/// Sentiment scores within ±this are neutral (VADER's recommended threshold).
+pub const NEUTRAL_SENTIMENT: f64 = 0.05;
+
 /// `[signals]`: urgency points for each signal. Every weight defaults to 0 (no effect).
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -126,7 +129,13 @@ impl SignalModel {
         let w = &self.weights;
         let keywords =
             i64::try_from(signals.urgent_keywords.len().min(w.max_keywords as usize)).unwrap_or(0);
-        let negativity = (-signals.sentiment).clamp(0.0, 1.0);
+        // VADER's own convention: a compound score above −0.05 is neutral. Plain questions
+        // score slightly below zero and must not earn points.
+        let negativity = if signals.sentiment <= -NEUTRAL_SENTIMENT {
+            (-signals.sentiment).clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
         let terms = [
             (
                 "signal:negative_sentiment",
@@ -338,6 +347,18 @@ mod tests {
         assert!((10..=20).contains(&points), "{points}");
         assert!(
             m.urgency_terms(&happy)
+                .iter()
+                .all(|(n, _)| *n != "signal:negative_sentiment")
+        );
+        // A plain question scores just below zero (−0.046): neutral, no points.
+        let plain = m.compute(&message("What are your opening hours?"), 1);
+        assert!(
+            plain.sentiment < 0.0 && plain.sentiment > -NEUTRAL_SENTIMENT,
+            "{}",
+            plain.sentiment
+        );
+        assert!(
+            m.urgency_terms(&plain)
                 .iter()
                 .all(|(n, _)| *n != "signal:negative_sentiment")
         );
