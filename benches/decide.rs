@@ -130,6 +130,41 @@ fn main() {
     }
     println!("median: {:.0} decisions/s", median(rates));
 
+    // Where the time goes: the signals alone, and the rules + queue choice alone.
+    let n = 20_000;
+    let started = Instant::now();
+    for i in 0..n {
+        let message = &messages[i % messages.len()];
+        std::hint::black_box(rules.model.compute(message, customer.contacts_last_24h));
+    }
+    let signals_rate = n as f64 / started.elapsed().as_secs_f64();
+    let signals: Vec<_> = messages
+        .iter()
+        .map(|m| rules.model.compute(m, customer.contacts_last_24h))
+        .collect();
+    let started = Instant::now();
+    for i in 0..n {
+        let message = &messages[i % messages.len()];
+        let decision = decide(
+            &rules,
+            &Input {
+                now: time::OffsetDateTime::UNIX_EPOCH,
+                message,
+                customer: &customer,
+                conversation: &conversation,
+                signals: &signals[i % messages.len()],
+            },
+            &|_| 0,
+        );
+        std::hint::black_box(decision);
+    }
+    let decide_rate = n as f64 / started.elapsed().as_secs_f64();
+    println!(
+        "breakdown: signals alone {signals_rate:.0}/s ({:.1} µs each), rules + queue choice alone {decide_rate:.0}/s ({:.1} µs each)",
+        1e6 / signals_rate,
+        1e6 / decide_rate
+    );
+
     let sources = rule_set(1000);
     let mut loads = Vec::new();
     for run in 1..=runs {

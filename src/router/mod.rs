@@ -4,6 +4,7 @@
 
 pub mod check;
 pub mod decide;
+pub mod fast;
 pub mod functions;
 pub mod hours;
 pub mod overflow;

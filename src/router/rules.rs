@@ -88,6 +88,8 @@ pub struct Rule {
     pub line: usize,
     /// `None`: the rule always matches.
     pub when: Option<cel::Program>,
+    /// `when` compiled to the fast path, when it is within its subset (see [`super::fast`]).
+    pub fast: Option<super::fast::Node>,
     pub when_source: Option<String>,
     pub urgency: i64,
     pub require_skills: Vec<String>,
@@ -175,6 +177,8 @@ pub struct RuleSet {
     /// Index into `queues` of the catch-all.
     pub default_queue: usize,
     pub(crate) env: Arc<cel::Env>,
+    /// The field paths the rules' fast paths read (see [`super::fast`]).
+    pub(crate) paths: super::fast::Paths,
     /// Language detection, keyword lexicon and signal weights.
     pub model: super::signals::SignalModel,
     /// SHA-256 over the files' names and contents, hex; changes with any edit.
@@ -237,6 +241,7 @@ impl RuleSet {
         let mut diagnostics = Vec::new();
         let mut queues: Vec<(Queue, Location)> = Vec::new();
         let mut queue_refs: Vec<(String, Location, &'static str)> = Vec::new();
+        let mut paths = super::fast::Paths::default();
         let mut rules = Vec::new();
         let mut tests = Vec::new();
         let mut keywords: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -415,12 +420,16 @@ impl RuleSet {
                         "route_to",
                     ));
                 }
+                let fast = when.as_ref().and_then(|program| {
+                    super::fast::compile(&program.expression().expr, &mut paths)
+                });
                 rules.push((
                     Rule {
                         id: def.id,
                         file: location.file.clone(),
                         line: location.line,
                         when,
+                        fast,
                         when_source,
                         urgency: def.urgency,
                         require_skills: def.require_skills,
@@ -582,6 +591,7 @@ impl RuleSet {
             tests,
             default_queue,
             env,
+            paths,
             model,
             version: hex::encode(hasher.finalize()),
             loaded_at: OffsetDateTime::now_utc(),

@@ -164,21 +164,32 @@ pub fn decide(rules: &RuleSet, input: &Input<'_>, load: &dyn Fn(&str) -> u64) ->
     let mut tags: Vec<String> = Vec::new();
     let mut route_to: Option<(String, String)> = None;
 
-    let variables = cel_variables(input);
+    // Rules within the fast path's subset evaluate on the JSON view; the CEL values are only
+    // built when a rule needs the interpreter (or the fast path is unsure).
+    let roots = json_variables(input);
+    let slots = rules.paths.resolve(&roots);
     let root = cel::Context::with_env(rules.env.clone());
-    let mut scope = root.new_inner_scope();
-    for (name, value) in variables {
-        scope.add_variable_from_value(name, value);
-    }
+    let mut scope: Option<cel::Context<'_, '_>> = None;
 
     for rule in &rules.rules {
-        let matched = match &rule.when {
-            None => Ok(true),
-            Some(program) => match program.execute(&scope) {
-                Ok(cel::Value::Bool(matched)) => Ok(matched),
-                Ok(other) => Err(format!("`when` must give true or false, gave {other:?}")),
-                Err(error) => Err(error.to_string()),
-            },
+        let fast = rule.fast.as_ref().and_then(|node| node.eval_bool(&slots));
+        let matched = match (&rule.when, fast) {
+            (None, _) => Ok(true),
+            (Some(_), Some(matched)) => Ok(matched),
+            (Some(program), None) => {
+                let scope = scope.get_or_insert_with(|| {
+                    let mut scope = root.new_inner_scope();
+                    for (name, value) in super::fast::ROOTS.iter().zip(&roots) {
+                        scope.add_variable_from_value(*name, to_cel(value));
+                    }
+                    scope
+                });
+                match program.execute(scope) {
+                    Ok(cel::Value::Bool(matched)) => Ok(matched),
+                    Ok(other) => Err(format!("`when` must give true or false, gave {other:?}")),
+                    Err(error) => Err(error.to_string()),
+                }
+            }
         };
         match matched {
             Ok(true) => {}
@@ -447,8 +458,9 @@ fn serves_language(queue: &Queue, language: &str) -> bool {
     queue.languages.iter().any(|l| l == "*" || l == language)
 }
 
-/// The CEL variables: `message`, `customer`, `conversation`, `signals`.
-fn cel_variables(input: &Input<'_>) -> [(&'static str, cel::Value); 4] {
+/// The variables rules see, as JSON: `message`, `customer`, `conversation`, `signals` (the
+/// order of [`super::fast::ROOTS`]).
+fn json_variables(input: &Input<'_>) -> [Value; 4] {
     let m = input.message;
     let message = json!({
         "channel": m.channel.kind,
@@ -463,24 +475,15 @@ fn cel_variables(input: &Input<'_>) -> [(&'static str, cel::Value); 4] {
         "metadata": m.metadata,
     });
     [
-        ("message", to_cel(&message)),
-        (
-            "customer",
-            to_cel(&serde_json::to_value(input.customer).unwrap_or_default()),
-        ),
-        (
-            "conversation",
-            to_cel(&serde_json::to_value(input.conversation).unwrap_or_default()),
-        ),
-        (
-            "signals",
-            to_cel(&serde_json::to_value(input.signals).unwrap_or_default()),
-        ),
+        message,
+        serde_json::to_value(input.customer).unwrap_or_default(),
+        serde_json::to_value(input.conversation).unwrap_or_default(),
+        serde_json::to_value(input.signals).unwrap_or_default(),
     ]
 }
 
 /// JSON → CEL value. Numbers that are whole become `int` so `urgency > 3` works on either.
-fn to_cel(value: &Value) -> cel::Value {
+pub(crate) fn to_cel(value: &Value) -> cel::Value {
     match value {
         Value::Null => cel::Value::Null,
         Value::Bool(b) => cel::Value::Bool(*b),
