@@ -62,6 +62,8 @@ impl std::error::Error for Diagnostics {}
 #[derive(Debug, Clone)]
 pub struct Queue {
     pub name: String,
+    /// `name`, shared: every decision's explanation lists every queue.
+    pub shared_name: Arc<str>,
     /// What the agents of this queue can do.
     pub skills: Vec<String>,
     /// Proficiency 1–5 per skill (3 when not given).
@@ -84,6 +86,15 @@ pub struct Queue {
 /// A compiled rule.
 pub struct Rule {
     pub id: String,
+    /// `id`, shared: every decision lists the rules that did not match.
+    pub shared_id: Arc<str>,
+    /// What the explanation says of this rule when it matches, built once: `file`, the
+    /// `rule:<id>` urgency term, the effect text, and the effect text when an earlier rule
+    /// already routed.
+    pub shared_file: Arc<str>,
+    pub urgency_term: Arc<str>,
+    pub effect: Arc<str>,
+    pub effect_route_ignored: Arc<str>,
     pub file: String,
     pub line: usize,
     /// `None`: the rule always matches.
@@ -367,6 +378,7 @@ impl RuleSet {
                 }
                 queues.push((
                     Queue {
+                        shared_name: Arc::from(def.name.as_str()),
                         name: def.name,
                         skills: proficiency.keys().cloned().collect(),
                         proficiency,
@@ -423,8 +435,45 @@ impl RuleSet {
                 let fast = when.as_ref().and_then(|program| {
                     super::fast::compile(&program.expression().expr, &mut paths)
                 });
+                let route_to = def.route_to.map(Spanned::into_inner);
+                let effect = |route_ignored: bool| -> Arc<str> {
+                    let mut effects = Vec::new();
+                    if def.urgency != 0 {
+                        effects.push(format!("urgency {:+}", def.urgency));
+                    }
+                    if !def.require_skills.is_empty() {
+                        effects.push(format!("requires {}", def.require_skills.join(", ")));
+                    }
+                    if !def.prefer_skills.is_empty() {
+                        effects.push(format!("prefers {}", def.prefer_skills.join(", ")));
+                    }
+                    if let Some(target) = &route_to {
+                        effects.push(if route_ignored {
+                            format!("route to {target} (ignored: an earlier rule routed)")
+                        } else {
+                            format!("route to {target}")
+                        });
+                    }
+                    if !def.tags.is_empty() {
+                        effects.push(format!("tags {}", def.tags.join(", ")));
+                    }
+                    if def.stop {
+                        effects.push("stop".to_owned());
+                    }
+                    if effects.is_empty() {
+                        "matched".into()
+                    } else {
+                        effects.join("; ").into()
+                    }
+                };
+                let (effect, effect_route_ignored) = (effect(false), effect(true));
                 rules.push((
                     Rule {
+                        shared_id: Arc::from(def.id.as_str()),
+                        shared_file: Arc::from(location.file.as_str()),
+                        urgency_term: Arc::from(format!("rule:{}", def.id).as_str()),
+                        effect,
+                        effect_route_ignored,
                         id: def.id,
                         file: location.file.clone(),
                         line: location.line,
@@ -434,7 +483,7 @@ impl RuleSet {
                         urgency: def.urgency,
                         require_skills: def.require_skills,
                         prefer_skills: def.prefer_skills,
-                        route_to: def.route_to.map(Spanned::into_inner),
+                        route_to,
                         tags: def.tags,
                         stop: def.stop,
                     },
@@ -581,6 +630,7 @@ impl RuleSet {
         let Some(model) = model.filter(|_| diagnostics.is_empty()) else {
             return Err(Diagnostics(diagnostics));
         };
+        paths.finish();
         let default_queue = queues
             .iter()
             .position(|(q, _)| q.default)

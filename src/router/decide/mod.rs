@@ -118,14 +118,14 @@ pub struct Explanation {
     /// Rules that matched, in evaluation order.
     pub rules: Vec<RuleEffect>,
     /// Ids of rules evaluated that did not match.
-    pub not_matched: Vec<String>,
+    pub not_matched: Vec<std::sync::Arc<str>>,
     /// Rules whose `when` failed to evaluate (counted as not matched).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<RuleError>,
     /// Every urgency term (`rule:<id>`), and `total` after clamping to 0–100.
-    pub urgency: BTreeMap<String, i64>,
+    pub urgency: BTreeMap<std::sync::Arc<str>, i64>,
     /// Per queue: `eligible` or why it was rejected.
-    pub skill_match: BTreeMap<String, String>,
+    pub skill_match: BTreeMap<std::sync::Arc<str>, std::sync::Arc<str>>,
     /// Why the chosen queue was chosen.
     pub queue_reason: String,
     /// Set when the chosen queue was closed: what happened instead.
@@ -135,10 +135,10 @@ pub struct Explanation {
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RuleEffect {
-    pub id: String,
-    pub file: String,
+    pub id: std::sync::Arc<str>,
+    pub file: std::sync::Arc<str>,
     pub line: usize,
-    pub effect: String,
+    pub effect: std::sync::Arc<str>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -166,8 +166,8 @@ pub fn decide(rules: &RuleSet, input: &Input<'_>, load: &dyn Fn(&str) -> u64) ->
 
     // Rules within the fast path's subset evaluate on the JSON view; the CEL values are only
     // built when a rule needs the interpreter (or the fast path is unsure).
-    let roots = json_variables(input);
-    let slots = rules.paths.resolve(&roots);
+    let roots = std::cell::OnceCell::new();
+    let slots = rules.paths.context(input, &roots, || json_variables(input));
     let root = cel::Context::with_env(rules.env.clone());
     let mut scope: Option<cel::Context<'_, '_>> = None;
 
@@ -179,7 +179,8 @@ pub fn decide(rules: &RuleSet, input: &Input<'_>, load: &dyn Fn(&str) -> u64) ->
             (Some(program), None) => {
                 let scope = scope.get_or_insert_with(|| {
                     let mut scope = root.new_inner_scope();
-                    for (name, value) in super::fast::ROOTS.iter().zip(&roots) {
+                    let roots = roots.get_or_init(|| json_variables(input));
+                    for (name, value) in super::fast::ROOTS.iter().zip(roots) {
                         scope.add_variable_from_value(*name, to_cel(value));
                     }
                     scope
@@ -194,7 +195,7 @@ pub fn decide(rules: &RuleSet, input: &Input<'_>, load: &dyn Fn(&str) -> u64) ->
         match matched {
             Ok(true) => {}
             Ok(false) => {
-                explanation.not_matched.push(rule.id.clone());
+                explanation.not_matched.push(rule.shared_id.clone());
                 continue;
             }
             Err(error) => {
@@ -204,42 +205,32 @@ pub fn decide(rules: &RuleSet, input: &Input<'_>, load: &dyn Fn(&str) -> u64) ->
                     line: rule.line,
                     error,
                 });
-                explanation.not_matched.push(rule.id.clone());
+                explanation.not_matched.push(rule.shared_id.clone());
                 continue;
             }
         }
-        let mut effects = Vec::new();
         if rule.urgency != 0 {
             urgency_sum = urgency_sum.saturating_add(rule.urgency);
             explanation
                 .urgency
-                .insert(format!("rule:{}", rule.id), rule.urgency);
-            effects.push(format!("urgency {:+}", rule.urgency));
+                .insert(rule.urgency_term.clone(), rule.urgency);
         }
         for skill in &rule.require_skills {
             if !required.contains(skill) {
                 required.push(skill.clone());
             }
         }
-        if !rule.require_skills.is_empty() {
-            effects.push(format!("requires {}", rule.require_skills.join(", ")));
-        }
         for skill in &rule.prefer_skills {
             if !preferred.contains(skill) {
                 preferred.push(skill.clone());
             }
         }
-        if !rule.prefer_skills.is_empty() {
-            effects.push(format!("prefers {}", rule.prefer_skills.join(", ")));
-        }
+        let mut effect = &rule.effect;
         if let Some(target) = &rule.route_to {
             if route_to.is_none() {
                 route_to = Some((target.clone(), rule.id.clone()));
-                effects.push(format!("route to {target}"));
             } else {
-                effects.push(format!(
-                    "route to {target} (ignored: an earlier rule routed)"
-                ));
+                effect = &rule.effect_route_ignored;
             }
         }
         for tag in &rule.tags {
@@ -247,21 +238,11 @@ pub fn decide(rules: &RuleSet, input: &Input<'_>, load: &dyn Fn(&str) -> u64) ->
                 tags.push(tag.clone());
             }
         }
-        if !rule.tags.is_empty() {
-            effects.push(format!("tags {}", rule.tags.join(", ")));
-        }
-        if rule.stop {
-            effects.push("stop".to_owned());
-        }
         explanation.rules.push(RuleEffect {
-            id: rule.id.clone(),
-            file: rule.file.clone(),
+            id: rule.shared_id.clone(),
+            file: rule.shared_file.clone(),
             line: rule.line,
-            effect: if effects.is_empty() {
-                "matched".to_owned()
-            } else {
-                effects.join("; ")
-            },
+            effect: effect.clone(),
         });
         if rule.stop {
             break;
@@ -270,12 +251,12 @@ pub fn decide(rules: &RuleSet, input: &Input<'_>, load: &dyn Fn(&str) -> u64) ->
 
     for (name, points) in rules.model.urgency_terms(input.signals) {
         urgency_sum = urgency_sum.saturating_add(points);
-        explanation.urgency.insert(name.to_owned(), points);
+        explanation.urgency.insert(name.into(), points);
     }
     let urgency = u8::try_from(urgency_sum.clamp(0, 100)).unwrap_or(100);
     explanation
         .urgency
-        .insert("total".to_owned(), i64::from(urgency));
+        .insert("total".into(), i64::from(urgency));
     let language = Some(input.signals.language.clone()).filter(|l| !l.is_empty());
 
     let queue = match route_to {
@@ -309,11 +290,11 @@ pub fn decide(rules: &RuleSet, input: &Input<'_>, load: &dyn Fn(&str) -> u64) ->
 /// Among queues serving the language (checked first) and covering the required skills: the
 /// highest proficiency in the required skills, then in the preferred ones, then the fewest
 /// other skills, then the lighter load, then file order. Nothing eligible → the default.
-fn choose_queue(
+fn choose_queue<'a>(
     rules: &RuleSet,
-    required: &[String],
+    required: &'a [String],
     preferred: &[String],
-    language: Option<&str>,
+    language: Option<&'a str>,
     load: &dyn Fn(&str) -> u64,
     explanation: &mut Explanation,
 ) -> String {
@@ -327,13 +308,33 @@ fn choose_queue(
     let level =
         |queue: &Queue, skill: &str| u32::from(queue.proficiency.get(skill).copied().unwrap_or(0));
     let mut eligible: Vec<Candidate<'_>> = Vec::new();
+    // Verdicts repeat from queue to queue: each text is built once per decision.
+    // (kind, language or skill, required proficiency, preferred proficiency)
+    type VerdictKey<'k> = (u8, &'k str, u32, u32);
+    let mut texts: Vec<(VerdictKey<'a>, std::sync::Arc<str>)> = Vec::new();
+    let mut verdict = |key: VerdictKey<'a>| -> std::sync::Arc<str> {
+        if let Some((_, text)) = texts.iter().find(|(k, _)| *k == key) {
+            return text.clone();
+        }
+        let text: std::sync::Arc<str> = match key {
+            (0, language, ..) => format!("rejected: does not serve language {language}"),
+            (1, skill, ..) => format!("rejected: lacks skill {skill}"),
+            (2, ..) => "eligible".to_owned(),
+            (_, _, required, preferred) => {
+                format!("eligible (proficiency {required} required, {preferred} preferred)")
+            }
+        }
+        .into();
+        texts.push((key, text.clone()));
+        text
+    };
     for queue in &rules.queues {
         let verdict = if let Some(language) = language
             && !serves_language(queue, language)
         {
-            format!("rejected: does not serve language {language}")
+            verdict((0, language, 0, 0))
         } else if let Some(missing) = required.iter().find(|s| !queue.skills.contains(s)) {
-            format!("rejected: lacks skill {missing}")
+            verdict((1, missing, 0, 0))
         } else {
             let candidate = Candidate {
                 queue,
@@ -346,18 +347,17 @@ fn choose_queue(
                     .count(),
                 load: load(&queue.name),
             };
-            let verdict = if required.is_empty() && preferred.is_empty() {
-                "eligible".to_owned()
+            let text = if required.is_empty() && preferred.is_empty() {
+                verdict((2, "", 0, 0))
             } else {
-                format!(
-                    "eligible (proficiency {} required, {} preferred)",
-                    candidate.required, candidate.preferred
-                )
+                verdict((3, "", candidate.required, candidate.preferred))
             };
             eligible.push(candidate);
-            verdict
+            text
         };
-        explanation.skill_match.insert(queue.name.clone(), verdict);
+        explanation
+            .skill_match
+            .insert(queue.shared_name.clone(), verdict);
     }
 
     let default = rules.default_queue();
@@ -460,7 +460,7 @@ fn serves_language(queue: &Queue, language: &str) -> bool {
 
 /// The variables rules see, as JSON: `message`, `customer`, `conversation`, `signals` (the
 /// order of [`super::fast::ROOTS`]).
-fn json_variables(input: &Input<'_>) -> [Value; 4] {
+pub(crate) fn json_variables(input: &Input<'_>) -> [Value; 4] {
     let m = input.message;
     let message = json!({
         "channel": m.channel.kind,

@@ -130,19 +130,22 @@ tags = ["money"]
     assert_eq!(d.skills, vec!["billing"]);
     assert_eq!(d.tags, vec!["money"]);
     assert_eq!(d.explanation.rules.len(), 1);
-    assert_eq!(d.explanation.rules[0].id, "refunds");
-    assert_eq!(d.explanation.rules[0].file, "r.toml");
+    assert_eq!(&*d.explanation.rules[0].id, "refunds");
+    assert_eq!(&*d.explanation.rules[0].file, "r.toml");
     assert_eq!(d.explanation.rules[0].line, 2);
     assert!(d.explanation.rules[0].effect.contains("urgency +10"));
     assert_eq!(d.explanation.urgency["rule:refunds"], 10);
     assert_eq!(
-        d.explanation.skill_match["escalations"],
+        &*d.explanation.skill_match["escalations"],
         "rejected: lacks skill billing"
     );
 
     let d = Case::new("hello").decide(&rules);
     assert_eq!(d.queue, "general");
-    assert_eq!(d.explanation.not_matched, vec!["refunds"]);
+    assert_eq!(
+        d.explanation.not_matched,
+        vec![std::sync::Arc::from("refunds")]
+    );
 }
 
 #[test]
@@ -259,7 +262,7 @@ fn language_is_checked_before_skills() {
     let d = case.decide(&rules);
     assert_eq!(d.queue, "billing", "only `billing` serves German");
     assert_eq!(
-        d.explanation.skill_match["billing-2"],
+        &*d.explanation.skill_match["billing-2"],
         "rejected: does not serve language de"
     );
     assert_eq!(d.language.as_deref(), Some("de"));
@@ -496,7 +499,7 @@ prefer_skills = ["spanish"]
         "highest proficiency, then fewest other skills"
     );
     assert_eq!(
-        d.explanation.skill_match["billing-junior"],
+        &*d.explanation.skill_match["billing-junior"],
         "eligible (proficiency 2 required, 0 preferred)"
     );
     let d = Case::new("refund please, reembolso").decide(&rules);
