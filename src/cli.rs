@@ -188,7 +188,7 @@ pub fn explain(
         "not_matched_rules": rules
             .rules
             .iter()
-            .filter(|r| decision.explanation.not_matched.contains(&r.shared_id))
+            .filter(|r| decision.explanation.not_matched.contains(&r.id))
             .map(|r| json!({"id": r.id, "file": r.file, "line": r.line}))
             .collect::<Vec<_>>(),
         "rules_version": rules.version,

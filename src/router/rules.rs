@@ -188,6 +188,8 @@ pub struct RuleSet {
     /// Index into `queues` of the catch-all.
     pub default_queue: usize,
     pub(crate) env: Arc<cel::Env>,
+    /// Every rule's id, in order (explanations list rules by index into it).
+    pub rule_ids: Arc<[Arc<str>]>,
     /// The field paths the rules' fast paths read (see [`super::fast`]).
     pub(crate) paths: super::fast::Paths,
     /// Language detection, keyword lexicon and signal weights.
@@ -636,6 +638,7 @@ impl RuleSet {
             .position(|(q, _)| q.default)
             .unwrap_or_default();
         Ok(RuleSet {
+            rule_ids: rules.iter().map(|(r, _)| r.shared_id.clone()).collect(),
             queues: queues.into_iter().map(|(q, _)| q).collect(),
             rules: rules.into_iter().map(|(r, _)| r).collect(),
             tests,

@@ -96,9 +96,9 @@ impl SignalModel {
     pub fn compute(&self, message: &NormalizedMessage, contacts_last_24h: u32) -> Signals {
         let mut signals = Signals::from_message(message);
         signals.repeat_contacts = contacts_last_24h.saturating_sub(1);
-        let text = match &message.subject {
-            Some(subject) if !subject.is_empty() => format!("{subject}\n{}", message.text),
-            _ => message.text.clone(),
+        let text: std::borrow::Cow<'_, str> = match &message.subject {
+            Some(subject) if !subject.is_empty() => format!("{subject}\n{}", message.text).into(),
+            _ => message.text.as_str().into(),
         };
         if let Some(info) = self.detector.as_ref().and_then(|d| d.detect(&text))
             && info.confidence() >= MIN_LANGUAGE_CONFIDENCE

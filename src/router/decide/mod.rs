@@ -118,7 +118,7 @@ pub struct Explanation {
     /// Rules that matched, in evaluation order.
     pub rules: Vec<RuleEffect>,
     /// Ids of rules evaluated that did not match.
-    pub not_matched: Vec<std::sync::Arc<str>>,
+    pub not_matched: RuleList,
     /// Rules whose `when` failed to evaluate (counted as not matched).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<RuleError>,
@@ -131,6 +131,61 @@ pub struct Explanation {
     /// Set when the chosen queue was closed: what happened instead.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub business_hours: Option<String>,
+}
+
+/// Some rules of a set, by index: serializes as their ids. Cheaper than a list of ids for the
+/// long lists (every rule that did not match) every decision carries.
+#[derive(Debug, Clone, Default)]
+pub struct RuleList {
+    ids: std::sync::Arc<[std::sync::Arc<str>]>,
+    indices: Vec<u32>,
+}
+
+impl RuleList {
+    /// An empty list over a rule set's ids.
+    pub fn new(ids: std::sync::Arc<[std::sync::Arc<str>]>) -> Self {
+        let capacity = ids.len();
+        Self {
+            ids,
+            indices: Vec::with_capacity(capacity),
+        }
+    }
+
+    fn push(&mut self, index: usize) {
+        if let Ok(index) = u32::try_from(index) {
+            self.indices.push(index);
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        self.indices
+            .iter()
+            .filter_map(|&i| self.ids.get(i as usize).map(|id| &**id))
+    }
+
+    pub fn contains(&self, id: &str) -> bool {
+        self.iter().any(|i| i == id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.indices.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.indices.is_empty()
+    }
+}
+
+impl PartialEq for RuleList {
+    fn eq(&self, other: &Self) -> bool {
+        self.iter().eq(other.iter())
+    }
+}
+
+impl Serialize for RuleList {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.iter())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -157,7 +212,10 @@ pub fn priority_of(urgency: u8) -> u8 {
 /// Decides where a message goes. `load` gives a queue's current load (waiting assignments),
 /// used to break ties between equally good queues.
 pub fn decide(rules: &RuleSet, input: &Input<'_>, load: &dyn Fn(&str) -> u64) -> Decision {
-    let mut explanation = Explanation::default();
+    let mut explanation = Explanation {
+        not_matched: RuleList::new(rules.rule_ids.clone()),
+        ..Explanation::default()
+    };
     let mut urgency_sum: i64 = 0;
     let mut required: Vec<String> = Vec::new();
     let mut preferred: Vec<String> = Vec::new();
@@ -171,7 +229,7 @@ pub fn decide(rules: &RuleSet, input: &Input<'_>, load: &dyn Fn(&str) -> u64) ->
     let root = cel::Context::with_env(rules.env.clone());
     let mut scope: Option<cel::Context<'_, '_>> = None;
 
-    for rule in &rules.rules {
+    for (index, rule) in rules.rules.iter().enumerate() {
         let fast = rule.fast.as_ref().and_then(|node| node.eval_bool(&slots));
         let matched = match (&rule.when, fast) {
             (None, _) => Ok(true),
@@ -195,7 +253,7 @@ pub fn decide(rules: &RuleSet, input: &Input<'_>, load: &dyn Fn(&str) -> u64) ->
         match matched {
             Ok(true) => {}
             Ok(false) => {
-                explanation.not_matched.push(rule.shared_id.clone());
+                explanation.not_matched.push(index);
                 continue;
             }
             Err(error) => {
@@ -205,7 +263,7 @@ pub fn decide(rules: &RuleSet, input: &Input<'_>, load: &dyn Fn(&str) -> u64) ->
                     line: rule.line,
                     error,
                 });
-                explanation.not_matched.push(rule.shared_id.clone());
+                explanation.not_matched.push(index);
                 continue;
             }
         }

@@ -143,8 +143,8 @@ tags = ["money"]
     let d = Case::new("hello").decide(&rules);
     assert_eq!(d.queue, "general");
     assert_eq!(
-        d.explanation.not_matched,
-        vec![std::sync::Arc::from("refunds")]
+        d.explanation.not_matched.iter().collect::<Vec<_>>(),
+        ["refunds"]
     );
 }
 
