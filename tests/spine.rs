@@ -983,3 +983,69 @@ fn first_message_id(assignment: &serde_json::Value) -> String {
         .expect("message_id")
         .to_owned()
 }
+
+/// Kubernetes mounts a ConfigMap as `..<timestamp>/` directories, a `..data` symlink to the
+/// current one, and per-file symlinks through `..data`; an update swaps `..data` atomically
+/// (a new symlink renamed over the old one). The watcher must see that and reload.
+#[tokio::test]
+async fn a_configmap_style_symlink_swap_reloads_the_rules() {
+    let prefix = prefix("configmap");
+    let rules = tempfile::tempdir().unwrap();
+    let root = rules.path();
+    let version = |name: &str, sales_rule: bool| {
+        let dir = root.join(name);
+        std::fs::create_dir(&dir).unwrap();
+        let mut text = String::from(
+            "[[queue]]\nname = \"general\"\ndefault = true\n\n[[queue]]\nname = \"sales\"\nskills = [\"sales\"]\n",
+        );
+        if sales_rule {
+            text.push_str("\n[[rule]]\nid = \"buy\"\nwhen = 'message.text.contains(\"buy\")'\nrequire_skills = [\"sales\"]\n");
+        }
+        std::fs::write(dir.join("rules.toml"), text).unwrap();
+    };
+    version("..2026_11_22_10_00_00.1", false);
+    std::os::unix::fs::symlink("..2026_11_22_10_00_00.1", root.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/rules.toml", root.join("rules.toml")).unwrap();
+
+    let mut config = DaemonConfig::on(Backend::Embedded, &prefix);
+    config.rules = root.to_path_buf();
+    let daemon = Daemon::start(config).await;
+    daemon.wait_ready().await;
+    daemon.post("chat", &chat("m-1", "v", "I want to buy")).await;
+    assert_eq!(
+        daemon.assignments("general", 1, Duration::from_secs(5)).await.len(),
+        1,
+        "no sales rule yet"
+    );
+
+    // The kubelet's update: a new version directory, a new symlink, renamed over `..data`.
+    version("..2026_11_22_10_05_00.2", true);
+    std::os::unix::fs::symlink("..2026_11_22_10_05_00.2", root.join("..data_tmp")).unwrap();
+    std::fs::rename(root.join("..data_tmp"), root.join("..data")).unwrap();
+    let swapped = Instant::now();
+    loop {
+        let response = daemon
+            .http
+            .get(daemon.url("/api/v1/rules"))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        let rules: serde_json::Value = response.json().await.unwrap();
+        if rules["rules"] == 1 {
+            break;
+        }
+        assert!(
+            swapped.elapsed() < Duration::from_secs(2),
+            "not reloaded within 2 s of the swap: {}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    daemon.post("chat", &chat("m-2", "v", "I want to buy")).await;
+    assert_eq!(
+        daemon.assignments("sales", 1, Duration::from_secs(5)).await.len(),
+        1,
+        "the swapped-in rule routes the next message"
+    );
+}
