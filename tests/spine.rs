@@ -1011,9 +1011,14 @@ async fn a_configmap_style_symlink_swap_reloads_the_rules() {
     config.rules = root.to_path_buf();
     let daemon = Daemon::start(config).await;
     daemon.wait_ready().await;
-    daemon.post("chat", &chat("m-1", "v", "I want to buy")).await;
+    daemon
+        .post("chat", &chat("m-1", "v", "I want to buy"))
+        .await;
     assert_eq!(
-        daemon.assignments("general", 1, Duration::from_secs(5)).await.len(),
+        daemon
+            .assignments("general", 1, Duration::from_secs(5))
+            .await
+            .len(),
         1,
         "no sales rule yet"
     );
@@ -1042,9 +1047,14 @@ async fn a_configmap_style_symlink_swap_reloads_the_rules() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    daemon.post("chat", &chat("m-2", "v", "I want to buy")).await;
+    daemon
+        .post("chat", &chat("m-2", "v", "I want to buy"))
+        .await;
     assert_eq!(
-        daemon.assignments("sales", 1, Duration::from_secs(5)).await.len(),
+        daemon
+            .assignments("sales", 1, Duration::from_secs(5))
+            .await
+            .len(),
         1,
         "the swapped-in rule routes the next message"
     );

@@ -42,6 +42,9 @@ pub struct Weights {
     /// Points per earlier contact in the last 24 hours (at most 3 count).
     #[serde(default)]
     pub repeat_contact: i64,
+    /// Points per attachment (at most 3 count): screenshots and invoices come with problems.
+    #[serde(default)]
+    pub attachment: i64,
 }
 
 fn default_max_keywords() -> u32 {
@@ -162,6 +165,11 @@ impl SignalModel {
                 w.repeat_contact
                     .saturating_mul(i64::from(signals.repeat_contacts.min(3))),
             ),
+            (
+                "signal:attachments",
+                w.attachment
+                    .saturating_mul(i64::from(signals.attachments.min(3))),
+            ),
         ];
         terms
             .into_iter()
@@ -275,6 +283,7 @@ mod tests {
             shouting: 5,
             exclamations: 3,
             repeat_contact: 4,
+            attachment: 2,
         };
         SignalModel::new(&languages, keywords, weights).unwrap()
     }
@@ -400,6 +409,38 @@ mod tests {
         assert!(
             !m.compute(&message("OK!!"), 1).shouting(),
             "too short to shout"
+        );
+    }
+
+    #[test]
+    fn attachments_earn_points_up_to_three() {
+        let m = model();
+        let attachment = |name: &str| switchboard_channel::Attachment {
+            filename: name.into(),
+            content_type: "image/png".into(),
+            size: 1000,
+        };
+        let mut with_two = message("See the screenshots");
+        with_two.attachments = vec![attachment("a.png"), attachment("b.png")];
+        let s = m.compute(&with_two, 1);
+        assert_eq!(s.attachments, 2);
+        let terms: BTreeMap<_, _> = m.urgency_terms(&s).into_iter().collect();
+        assert_eq!(terms["signal:attachments"], 4);
+        let mut with_five = with_two.clone();
+        with_five.attachments = (0..5).map(|i| attachment(&format!("{i}.png"))).collect();
+        let terms: BTreeMap<_, _> = m
+            .urgency_terms(&m.compute(&with_five, 1))
+            .into_iter()
+            .collect();
+        assert_eq!(
+            terms["signal:attachments"], 6,
+            "at most 3 attachments count"
+        );
+        let none = m.compute(&message("no files"), 1);
+        assert!(
+            m.urgency_terms(&none)
+                .iter()
+                .all(|(n, _)| *n != "signal:attachments")
         );
     }
 }
