@@ -35,7 +35,9 @@ pub enum Node {
     /// `text.matches(regex)`; with a prefilter `(filter, index)` when the text is a path and
     /// the pattern has required literals (see [`Paths::finish`]).
     Matches(Box<Node>, Arc<Regex>, Option<(usize, usize)>),
-    Text(TextOp, Box<Node>, String),
+    /// `contains`/`startsWith`/`endsWith` a literal; a `contains` on a path shares the
+    /// path's literal prefilter `(filter, index)`, as `matches` does.
+    Text(TextOp, Box<Node>, String, Option<(usize, usize)>),
     In(Box<Node>, Vec<Lit>),
     /// `x in <path>`, the path holding a list.
     InList(Box<Node>, Box<Node>),
@@ -256,6 +258,17 @@ pub struct Ctx<'a> {
     present: Vec<Option<Vec<bool>>>,
 }
 
+impl Ctx<'_> {
+    /// The prefilter says this pattern or needle cannot be in the text.
+    fn ruled_out(&self, filter: Option<(usize, usize)>) -> bool {
+        filter.is_some_and(|(filter, index)| {
+            self.present[filter]
+                .as_ref()
+                .is_some_and(|present| !present[index])
+        })
+    }
+}
+
 /// A path read straight from the input, as its JSON view would give it; outer `None`: not one
 /// of these, use the JSON view.
 #[allow(clippy::option_option)]
@@ -385,11 +398,15 @@ pub fn compile(expr: &Expr, paths: &mut Paths) -> Option<Node> {
                         "startsWith" => TextOp::StartsWith,
                         _ => TextOp::EndsWith,
                     };
-                    Node::Text(
-                        op,
-                        Box::new(compile(&target.expr, paths)?),
-                        needle.inner().to_owned(),
-                    )
+                    let text = compile(&target.expr, paths)?;
+                    let needle = needle.inner().to_owned();
+                    let filter = match (&text, op) {
+                        (Node::Path(slot), TextOp::Contains) if !needle.is_empty() => {
+                            Some(paths.prefilter(*slot, vec![needle.as_bytes().to_vec()]))
+                        }
+                        _ => None,
+                    };
+                    Node::Text(op, Box::new(text), needle, filter)
                 }
                 ("size", Some(target), 0) => Node::Size(Box::new(compile(&target.expr, paths)?)),
                 ("size", None, 1) => Node::Size(Box::new(compile(&args[0].expr, paths)?)),
@@ -529,9 +546,9 @@ impl Node {
                 }
                 _ => return None,
             },
-            Node::Text(op, text, needle) => match text.eval(roots)? {
+            Node::Text(op, text, needle, filter) => match text.eval(roots)? {
                 V::Str(s) => V::Bool(match op {
-                    TextOp::Contains => s.contains(needle.as_str()),
+                    TextOp::Contains => !roots.ruled_out(*filter) && s.contains(needle.as_str()),
                     TextOp::StartsWith => s.starts_with(needle.as_str()),
                     TextOp::EndsWith => s.ends_with(needle.as_str()),
                 }),
@@ -966,6 +983,17 @@ mod tests {
                 (pattern.to_string(), node)
             })
             .collect();
+        let needles = ["REFUND", "refund", "été", "crash", "12 "];
+        let contains: Vec<(String, Node)> = needles
+            .iter()
+            .map(|needle| {
+                let source = format!("message.text.contains({needle:?})");
+                let program = env.compile(&source).unwrap();
+                let node = compile(&program.expression().expr, &mut paths).expect("fast path");
+                assert!(matches!(node, Node::Text(_, _, _, Some(_))), "{source} is prefiltered");
+                (needle.to_string(), node)
+            })
+            .collect();
         paths.finish();
         assert!(!paths.1.built.is_empty(), "the patterns share a prefilter");
         let prefiltered = nodes
@@ -976,6 +1004,13 @@ mod tests {
         for text in texts {
             let roots = [json!({"text": text}), json!({}), json!({}), json!({})];
             let context = paths.context_json(&roots);
+            for (needle, node) in &contains {
+                assert_eq!(
+                    node.eval_bool(&context),
+                    Some(text.contains(needle.as_str())),
+                    "contains {needle:?} on {text:?}"
+                );
+            }
             for (pattern, node) in &nodes {
                 let expected = Regex::new(pattern).unwrap().is_match(text);
                 assert_eq!(
