@@ -175,22 +175,51 @@ pub fn load_text(
     }
     interpolate_table(document.as_table_mut(), "", env, &locations, &mut problems);
 
-    let mut unknown = Vec::new();
-    let deserializer = toml_edit::de::Deserializer::from(document);
-    let mut on_unknown = |path: serde_ignored::Path<'_>| unknown.push(ignored_path(&path));
-    let ignoring = serde_ignored::Deserializer::new(deserializer, &mut on_unknown);
-    let config: Option<Config> = match serde_path_to_error::deserialize(ignoring) {
-        Ok(config) => Some(config),
-        Err(error) => {
-            let key = error_path(error.path());
-            problems.push(Problem {
-                location: locations.locate(&key),
-                message: clean_message(&error.inner().to_string()),
-                key,
-            });
-            None
+    // serde stops at the first value of the wrong type: report it, take the key out and try
+    // again, so one `check` lists every type error (the key falls back to its default for the
+    // semantic checks, which skip keys already reported).
+    let mut unknown: Vec<String> = Vec::new();
+    let mut removed: Vec<String> = Vec::new();
+    let mut config: Option<Config> = None;
+    for _ in 0..MAX_TYPE_ERRORS {
+        let mut seen = Vec::new();
+        let deserializer = toml_edit::de::Deserializer::from(document.clone());
+        let mut on_unknown = |path: serde_ignored::Path<'_>| seen.push(ignored_path(&path));
+        let ignoring = serde_ignored::Deserializer::new(deserializer, &mut on_unknown);
+        let result: Result<Config, _> = serde_path_to_error::deserialize(ignoring);
+        for key in seen {
+            if !unknown.contains(&key) {
+                unknown.push(key);
+            }
         }
-    };
+        let error = match result {
+            Ok(parsed) => {
+                config = Some(parsed);
+                break;
+            }
+            Err(error) => error,
+        };
+        let key = error_path(error.path());
+        let message = clean_message(&error.inner().to_string());
+        // A required key we took out ourselves was already reported as mistyped.
+        let missing = message
+            .strip_prefix("missing field `")
+            .and_then(|rest| rest.split('`').next())
+            .map(|field| join(&key, field));
+        if missing.as_ref().is_some_and(|m| removed.contains(m)) {
+            break;
+        }
+        problems.push(Problem {
+            location: locations.locate(&key),
+            message,
+            key: key.clone(),
+        });
+        let segments: Vec<String> = key.split('.').map(str::to_owned).collect();
+        if missing.is_some() || key.is_empty() || !remove_path(document.as_table_mut(), &segments) {
+            break;
+        }
+        removed.push(key);
+    }
     for key in unknown {
         problems.push(Problem {
             location: locations.locate(&key),
@@ -388,6 +417,33 @@ fn set_path(table: &mut toml_edit::Table, segments: &[String], value: Value) -> 
             }
         }
         _ => Err(format!("`{first}` is not a table")),
+    }
+}
+
+/// Type errors reported by one load at most.
+const MAX_TYPE_ERRORS: usize = 32;
+
+/// Removes the key at `segments` (list entries by index); false if there is none.
+fn remove_path(table: &mut dyn toml_edit::TableLike, segments: &[String]) -> bool {
+    let Some((first, rest)) = segments.split_first() else {
+        return false;
+    };
+    if rest.is_empty() {
+        return table.remove(first).is_some();
+    }
+    match table.get_mut(first) {
+        Some(Item::Table(child)) => remove_path(child, rest),
+        Some(Item::Value(toml_edit::Value::InlineTable(child))) => remove_path(child, rest),
+        Some(Item::ArrayOfTables(array)) => {
+            let Some((index, rest)) = rest.split_first() else {
+                return false;
+            };
+            match index.parse::<usize>().ok().and_then(|i| array.get_mut(i)) {
+                Some(entry) if !rest.is_empty() => remove_path(entry, rest),
+                _ => false,
+            }
+        }
+        _ => false,
     }
 }
 

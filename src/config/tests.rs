@@ -190,6 +190,31 @@ fn wrong_type_names_file_line_and_key() {
 }
 
 #[test]
+fn every_type_error_is_reported_with_the_other_problems() {
+    let errors = problems(
+        "[bus]\nprefetch = \"many\"\nconfirm_timeout = 5\nprefixx = \"x\"\n\n[http]\nmax_body_bytes = true\n\n[[channels]]\nid = 7\nkind = \"webchat\"\n",
+        &[],
+    );
+    assert_eq!(errors.len(), 5, "{errors:?}");
+    for expected in [
+        "sb.toml:2:1: `bus.prefetch` invalid type",
+        "sb.toml:3:1: `bus.confirm_timeout` invalid type",
+        "sb.toml:4:1: `bus.prefixx` is not a known key",
+        "sb.toml:7:1: `http.max_body_bytes` invalid type",
+        "sb.toml:10:1: `channels.0.id` invalid type",
+    ] {
+        assert!(
+            errors.iter().any(|e| e.starts_with(expected)),
+            "{expected} missing from {errors:?}"
+        );
+    }
+    assert!(
+        !errors.iter().any(|e| e.contains("missing field")),
+        "a mistyped required key is not reported missing too: {errors:?}"
+    );
+}
+
+#[test]
 fn missing_required_key_is_reported() {
     let errors = problems("[[channels]]\nkind = \"webchat\"\n", &[]);
     assert_eq!(errors.len(), 1, "{errors:?}");

@@ -990,7 +990,10 @@ mod tests {
                 let source = format!("message.text.contains({needle:?})");
                 let program = env.compile(&source).unwrap();
                 let node = compile(&program.expression().expr, &mut paths).expect("fast path");
-                assert!(matches!(node, Node::Text(_, _, _, Some(_))), "{source} is prefiltered");
+                assert!(
+                    matches!(node, Node::Text(_, _, _, Some(_))),
+                    "{source} is prefiltered"
+                );
                 (needle.to_string(), node)
             })
             .collect();
