@@ -360,11 +360,19 @@ fn apply_env(
             continue;
         }
         let key = segments.join(".");
+        // Typed like the default at that key; where there is none (channel entries), like the
+        // value the file sets there, or as a number for a channel's `max_body_bytes`.
         let typed_like_default = defaults
             .as_ref()
             .and_then(|d| lookup(d, &segments))
-            .is_some_and(|d| !d.is_str());
-        let value = if typed_like_default {
+            .map(|d| !d.is_str());
+        let typed_like_file = || file_value_is_typed(document.as_table(), &segments);
+        let channel_number = segments.first().is_some_and(|s| s == "channels")
+            && segments.last().is_some_and(|s| s == "max_body_bytes");
+        let typed = typed_like_default
+            .or_else(typed_like_file)
+            .unwrap_or(channel_number);
+        let value = if typed {
             raw.parse::<Value>()
                 .unwrap_or_else(|_| Value::from(raw.as_str()))
         } else {
@@ -417,6 +425,24 @@ fn set_path(table: &mut toml_edit::Table, segments: &[String], value: Value) -> 
             }
         }
         _ => Err(format!("`{first}` is not a table")),
+    }
+}
+
+/// Whether the file sets a non-string value at `segments` (`None`: it sets nothing there).
+fn file_value_is_typed(table: &dyn toml_edit::TableLike, segments: &[String]) -> Option<bool> {
+    let (first, rest) = segments.split_first()?;
+    let item = table.get(first)?;
+    if rest.is_empty() {
+        return Some(!item.is_str());
+    }
+    match item {
+        Item::Table(child) => file_value_is_typed(child, rest),
+        Item::Value(toml_edit::Value::InlineTable(child)) => file_value_is_typed(child, rest),
+        Item::ArrayOfTables(array) => {
+            let (index, rest) = rest.split_first()?;
+            file_value_is_typed(array.get(index.parse().ok()?)?, rest)
+        }
+        _ => None,
     }
 }
 

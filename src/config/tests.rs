@@ -103,6 +103,24 @@ fn env_reaches_into_a_channel_entry() {
 }
 
 #[test]
+fn env_overrides_in_a_channel_entry_keep_their_types() {
+    let loaded = load_str(
+        "[[channels]]\nid = \"chat\"\nkind = \"webchat\"\nsecret = \"s\"\n",
+        &[
+            ("SWITCHBOARD__CHANNELS__0__MAX_BODY_BYTES", "4096"),
+            ("SWITCHBOARD__CHANNELS__0__SECRET", "12345"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(loaded.config.channels[0].max_body_bytes, Some(4096));
+    assert_eq!(
+        loaded.config.channels[0].options["secret"].as_str(),
+        Some("12345"),
+        "a string in the file stays a string"
+    );
+}
+
+#[test]
 fn env_value_of_the_wrong_type_names_the_variable() {
     let errors = problems("", &[("SWITCHBOARD__BUS__PREFETCH", "lots")]);
     assert_eq!(errors.len(), 1, "{errors:?}");
