@@ -3,7 +3,8 @@
 //!
 //! `cargo bench --bench router_hop` (RabbitMQ on 127.0.0.1:5672). Options through the
 //! environment: `BENCH_MESSAGES` (default 20000), `BENCH_RUNS` (3), `BENCH_RATE` (1000/s),
-//! `BENCH_SECONDS` (10), `BENCH_ONLY` (`hop` or `raw`: profile one side; the ratio is then NaN).
+//! `BENCH_SECONDS` (10), `BENCH_ONLY` (`hop` or `raw`: profile one side; the ratio is then NaN),
+//! `BENCH_RULES` (a rules directory instead of the shipped `routing-rules/`).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -155,7 +156,9 @@ async fn router_hop(n: usize) -> f64 {
         "bench-hop-{}",
         &uuid::Uuid::new_v4().simple().to_string()[..8]
     );
-    let rules = RuleSet::load_dir(&repo().join("routing-rules")).unwrap();
+    let rules_dir =
+        std::env::var("BENCH_RULES").map_or_else(|_| repo().join("routing-rules"), PathBuf::from);
+    let rules = RuleSet::load_dir(&rules_dir).unwrap();
     let agent_queues: Vec<String> = rules
         .queue_names()
         .iter()
