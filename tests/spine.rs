@@ -178,6 +178,11 @@ async fn a_retried_post_yields_exactly_one_assignment_even_across_a_restart(back
         "clean exit on SIGTERM:\n{}",
         daemon.log()
     );
+    assert!(
+        !daemon.log().contains("ERROR"),
+        "a clean shutdown logs no error:\n{}",
+        daemon.log()
+    );
     daemon.spawn().await;
     daemon.wait_ready().await;
     let (status, again) = daemon.post("chat", &body).await;

@@ -56,6 +56,9 @@ struct Shared {
     config: BusConfig,
     connection: watch::Receiver<Option<Arc<Connection>>>,
     agent_queues: Mutex<BTreeSet<String>>,
+    /// Cancelled once the publisher task has closed its channel: the supervisor closes the
+    /// connection only then (closing both at once makes lapin log errors at every shutdown).
+    publisher_done: CancellationToken,
 }
 
 struct PublishRequest {
@@ -83,6 +86,7 @@ impl AmqpBus {
             config: config.clone(),
             connection: connection_rx,
             agent_queues: Mutex::new(agent_queues.into_iter().collect()),
+            publisher_done: CancellationToken::new(),
         });
         let (publish_tx, publish_rx) = mpsc::channel(PUBLISH_QUEUE);
         tracker.spawn(supervise(shared.clone(), connection_tx, cancel.clone()));
@@ -353,6 +357,11 @@ async fn supervise(
                 }
                 connection_tx.send_replace(None);
                 if cancel.is_cancelled() {
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(2),
+                        shared.publisher_done.cancelled(),
+                    )
+                    .await;
                     let _ = connection
                         .close(200, "switchboard shutting down".into())
                         .await;
@@ -570,6 +579,7 @@ async fn run_publisher(
     mut requests: mpsc::Receiver<PublishRequest>,
     cancel: CancellationToken,
 ) {
+    let _done = shared.publisher_done.clone().drop_guard();
     let mut carried: Vec<PublishRequest> = Vec::new();
     'channels: loop {
         let channel = match open_confirm_channel(&shared, &cancel).await {
@@ -588,7 +598,12 @@ async fn run_publisher(
             batch.retain(|r| !r.reply.is_closed());
             if batch.is_empty() {
                 tokio::select! {
-                    () = cancel.cancelled() => break 'channels,
+                    () = cancel.cancelled() => {
+                        // Closed here, before the supervisor closes the connection: a channel
+                        // left open makes lapin log an error while the connection closes.
+                        let _ = channel.close(200, "switchboard shutting down".into()).await;
+                        break 'channels;
+                    }
                     request = requests.recv() => match request {
                         Some(request) => batch.push(request),
                         None => break 'channels,

@@ -166,7 +166,7 @@ impl Daemon {
             .arg("run")
             .arg("-c")
             .arg(&self.config_path)
-            .env("RUST_LOG", "info,lapin=off")
+            .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log);
         for (k, v) in &self.env {
