@@ -314,6 +314,19 @@ fn state_directory_holds_the_default_database() {
 }
 
 #[test]
+fn a_postgres_store_is_refused_by_check_too() {
+    let errors = problems(
+        "[bus]\nurl = \"amqp://localhost\"\n\n[store]\nurl = \"postgres://localhost/x\"\n",
+        &[],
+    );
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].starts_with("sb.toml:5:1: `store.url` PostgreSQL is not supported yet"),
+        "{errors:?}"
+    );
+}
+
+#[test]
 fn embedded_bus_needs_sqlite() {
     let errors = problems("[store]\nurl = \"postgres://localhost/x\"\n", &[]);
     assert!(
