@@ -386,3 +386,157 @@ async fn a_missing_data_directory_is_a_clear_error() {
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// A CRM reads a customer and sets attributes over the API; rules see them on the next message.
+#[tokio::test]
+async fn customers_are_read_and_their_attributes_set_over_the_api() {
+    let prefix = prefix("customers");
+    let daemon = Daemon::start(DaemonConfig::on(Backend::Embedded, &prefix)).await;
+    daemon.wait_ready().await;
+    let api = |method: reqwest::Method, path: &str| {
+        daemon
+            .http
+            .request(method, daemon.url(path))
+            .bearer_auth(ADMIN_TOKEN)
+    };
+
+    let (status, _) = daemon
+        .post("chat", &chat("m-1", "visitor-9", "I need a refund"))
+        .await;
+    assert_eq!(status, 200);
+    let first = daemon
+        .assignments("billing", 1, Duration::from_secs(5))
+        .await;
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].1["data"]["urgency"], 10);
+    let id = first[0].1["data"]["customer_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let response = api(reqwest::Method::GET, &format!("/api/v1/customers/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let customer: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(customer["id"], id.as_str());
+    assert_eq!(
+        customer["identities"],
+        json!([{"kind": "webchat", "address": "visitor-9"}])
+    );
+    let response = api(
+        reqwest::Method::GET,
+        "/api/v1/customers?identity=webchat:visitor-9",
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.json::<serde_json::Value>().await.unwrap()["id"],
+        id.as_str()
+    );
+
+    // The CRM marks the customer as a VIP; the next message is more urgent.
+    let response = api(reqwest::Method::PATCH, &format!("/api/v1/customers/{id}"))
+        .json(&json!({"attributes": {"tier": "vip", "lifetime_value": 12000}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let patched: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(patched["attributes"]["tier"], "vip");
+    let (status, _) = daemon
+        .post("chat", &chat("m-2", "visitor-9", "Another refund question"))
+        .await;
+    assert_eq!(status, 200);
+    let second = daemon
+        .assignments("billing", 1, Duration::from_secs(5))
+        .await;
+    assert_eq!(second.len(), 1);
+    let data = &second[0].1["data"];
+    assert_eq!(data["customer_id"], id.as_str());
+    assert_eq!(
+        data["urgency"], 45,
+        "refund 10 + vip 30 + second contact today 5: {}",
+        data["explanation"]
+    );
+    assert_eq!(data["explanation"]["urgency"]["rule:vip"], 30);
+    assert_eq!(
+        data["context"]["customer"]["attributes"]["lifetime_value"],
+        12000
+    );
+
+    // `null` removes an attribute.
+    let response = api(reqwest::Method::PATCH, &format!("/api/v1/customers/{id}"))
+        .json(&json!({"attributes": {"tier": null}}))
+        .send()
+        .await
+        .unwrap();
+    let patched: serde_json::Value = response.json().await.unwrap();
+    assert!(patched["attributes"].get("tier").is_none(), "{patched}");
+    assert_eq!(patched["attributes"]["lifetime_value"], 12000);
+
+    // Clear errors.
+    for (method, path, body, status, code) in [
+        (
+            reqwest::Method::GET,
+            "/api/v1/customers/nobody".to_owned(),
+            None,
+            404,
+            "unknown_customer",
+        ),
+        (
+            reqwest::Method::GET,
+            "/api/v1/customers?identity=nocolon".to_owned(),
+            None,
+            400,
+            "invalid_identity",
+        ),
+        (
+            reqwest::Method::GET,
+            "/api/v1/customers?identity=email:nobody@example.com".to_owned(),
+            None,
+            404,
+            "unknown_customer",
+        ),
+        (
+            reqwest::Method::PATCH,
+            format!("/api/v1/customers/{id}"),
+            Some(json!({"tier": "vip"})),
+            400,
+            "invalid_body",
+        ),
+        (
+            reqwest::Method::PATCH,
+            format!("/api/v1/customers/{id}"),
+            Some(json!({"attributes": "vip"})),
+            400,
+            "invalid_body",
+        ),
+        (
+            reqwest::Method::PATCH,
+            "/api/v1/customers/nobody".to_owned(),
+            Some(json!({"attributes": {}})),
+            404,
+            "unknown_customer",
+        ),
+    ] {
+        let mut request = api(method.clone(), &path);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status().as_u16(), status, "{method} {path}");
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], code, "{method} {path}: {body}");
+    }
+    let response = daemon
+        .http
+        .get(daemon.url(&format!("/api/v1/customers/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401, "the customer API needs the token");
+}

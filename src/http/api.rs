@@ -246,6 +246,97 @@ pub async fn events(
     }
 }
 
+/// `GET /api/v1/customers/{id}`
+pub async fn get_customer(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
+    customer_response(state.store.customer(&id).await, &id)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FindCustomerQuery {
+    identity: String,
+}
+
+/// `GET /api/v1/customers?identity=<kind>:<address>`, e.g. `identity=email:dana@example.com`.
+pub async fn find_customer(
+    State(state): State<Arc<AppState>>,
+    query: Result<Query<FindCustomerQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let bad = || {
+        error(
+            StatusCode::BAD_REQUEST,
+            "invalid_identity",
+            "give `identity=<kind>:<address>`, e.g. identity=email:dana@example.com",
+        )
+    };
+    let Ok(Query(query)) = query else {
+        return bad();
+    };
+    let Some((kind, address)) = query
+        .identity
+        .split_once(':')
+        .filter(|(k, a)| !k.is_empty() && !a.trim().is_empty())
+    else {
+        return bad();
+    };
+    customer_response(
+        state.store.customer_by_identity(kind, address.trim()).await,
+        &query.identity,
+    )
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CustomerPatch {
+    attributes: serde_json::Map<String, Value>,
+}
+
+/// `PATCH /api/v1/customers/{id}` with `{"attributes": {...}}`: merges attributes (a CRM's
+/// `tier`, `lifetime_value`, `churn_risk`, …); `null` removes one. Rules see them from the
+/// next message on.
+pub async fn patch_customer(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    body: Result<Json<CustomerPatch>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let patch = match body {
+        Ok(Json(patch)) => patch,
+        Err(rejection) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_body",
+                format!(
+                    "expected {{\"attributes\": {{…}}}}: {}",
+                    rejection.body_text()
+                ),
+            );
+        }
+    };
+    customer_response(
+        state.store.patch_attributes(&id, &patch.attributes).await,
+        &id,
+    )
+}
+
+fn customer_response(
+    found: Result<Option<crate::store::CustomerRecord>, crate::store::StoreError>,
+    what: &str,
+) -> Response {
+    match found {
+        Ok(Some(customer)) => Json(customer).into_response(),
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            "unknown_customer",
+            format!("no customer `{what}`"),
+        ),
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            e.to_string(),
+        ),
+    }
+}
+
 /// `GET /api/v1/rules`: the active rule set.
 pub async fn rules(State(state): State<Arc<AppState>>) -> Response {
     let rules = state.rules.load();

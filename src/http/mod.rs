@@ -46,6 +46,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/assignments/{id}/ack", post(api::ack))
         .route("/rules", get(api::rules))
         .route("/events", get(api::events))
+        .route("/customers", get(api::find_customer))
+        .route(
+            "/customers/{id}",
+            get(api::get_customer).patch(api::patch_customer),
+        )
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             api::require_token,

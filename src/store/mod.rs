@@ -74,6 +74,17 @@ pub enum RouteOutcome {
     Existing(StoredDecision),
 }
 
+/// A customer as the API shows it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct CustomerRecord {
+    pub id: String,
+    pub attributes: Map<String, Value>,
+    pub identities: Vec<crate::router::decide::Identity>,
+    /// Unix milliseconds.
+    pub created_at: i64,
+    pub last_seen_at: i64,
+}
+
 /// The router's decision step: pure, called inside the store transaction.
 pub type DecideFn<'a> = dyn Fn(&NormalizedMessage, &Resolved) -> Routed + Send + Sync + 'a;
 
@@ -99,6 +110,24 @@ pub trait Store: Send + Sync + 'static {
 
     /// Marks decisions whose assignment reached the bus.
     async fn mark_published(&self, keys: &[(String, String)]) -> Result<(), StoreError>;
+
+    /// The customer with this id, if any.
+    async fn customer(&self, id: &str) -> Result<Option<CustomerRecord>, StoreError>;
+
+    /// The customer an identity `(kind, address)` belongs to, if any.
+    async fn customer_by_identity(
+        &self,
+        kind: &str,
+        address: &str,
+    ) -> Result<Option<CustomerRecord>, StoreError>;
+
+    /// Merges `patch` into the customer's attributes (a `null` value removes the key), in one
+    /// transaction with the router's batches; `None` if there is no such customer.
+    async fn patch_attributes(
+        &self,
+        id: &str,
+        patch: &Map<String, Value>,
+    ) -> Result<Option<CustomerRecord>, StoreError>;
 
     /// Cheap liveness query for `/readyz`.
     async fn ping(&self) -> Result<(), StoreError>;

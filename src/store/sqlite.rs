@@ -18,7 +18,8 @@ use switchboard_channel::NormalizedMessage;
 use uuid::Uuid;
 
 use super::{
-    DecideFn, Resolved, RouteOutcome, Store, StoreError, StoredDecision, merged_attributes,
+    CustomerRecord, DecideFn, Resolved, RouteOutcome, Store, StoreError, StoredDecision,
+    merged_attributes,
 };
 use crate::router::decide::{ConversationView, CustomerView, Identity};
 
@@ -130,6 +131,57 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn customer(&self, id: &str) -> Result<Option<CustomerRecord>, StoreError> {
+        let mut connection = self.pool.acquire().await?;
+        customer(&mut connection, id).await
+    }
+
+    async fn customer_by_identity(
+        &self,
+        kind: &str,
+        address: &str,
+    ) -> Result<Option<CustomerRecord>, StoreError> {
+        let mut connection = self.pool.acquire().await?;
+        let id: Option<String> =
+            sqlx::query_scalar("SELECT customer_id FROM identities WHERE kind = ? AND address = ?")
+                .bind(kind)
+                .bind(address)
+                .fetch_optional(&mut *connection)
+                .await?;
+        match id {
+            Some(id) => customer(&mut connection, &id).await,
+            None => Ok(None),
+        }
+    }
+
+    async fn patch_attributes(
+        &self,
+        id: &str,
+        patch: &Map<String, Value>,
+    ) -> Result<Option<CustomerRecord>, StoreError> {
+        // IMMEDIATE: read-modify-write under the write lock, like the router's batches.
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let Some(current) = customer(&mut tx, id).await? else {
+            return Ok(None);
+        };
+        let mut attributes = current.attributes;
+        for (key, value) in patch {
+            if value.is_null() {
+                attributes.remove(key);
+            } else {
+                attributes.insert(key.clone(), value.clone());
+            }
+        }
+        sqlx::query("UPDATE customers SET attributes = ? WHERE id = ?")
+            .bind(serde_json::to_string(&attributes)?)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        let updated = customer(&mut tx, id).await?;
+        tx.commit().await?;
+        Ok(updated)
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
@@ -138,6 +190,39 @@ impl Store for SqliteStore {
     async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+async fn customer(
+    connection: &mut SqliteConnection,
+    id: &str,
+) -> Result<Option<CustomerRecord>, StoreError> {
+    let Some(row) =
+        sqlx::query("SELECT id, attributes, created_at, last_seen_at FROM customers WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&mut *connection)
+            .await?
+    else {
+        return Ok(None);
+    };
+    let identities = sqlx::query(
+        "SELECT kind, address FROM identities WHERE customer_id = ? ORDER BY created_at, kind",
+    )
+    .bind(id)
+    .fetch_all(&mut *connection)
+    .await?
+    .iter()
+    .map(|r| Identity {
+        kind: r.get("kind"),
+        address: r.get("address"),
+    })
+    .collect();
+    Ok(Some(CustomerRecord {
+        id: row.get("id"),
+        attributes: serde_json::from_str(row.get::<&str, _>("attributes"))?,
+        identities,
+        created_at: row.get("created_at"),
+        last_seen_at: row.get("last_seen_at"),
+    }))
 }
 
 async fn decision(
