@@ -540,3 +540,92 @@ async fn customers_are_read_and_their_attributes_set_over_the_api() {
         .unwrap();
     assert_eq!(response.status(), 401, "the customer API needs the token");
 }
+
+/// A conversation's messages and decisions over the API; closing it makes the customer's next
+/// message start a new one.
+#[tokio::test]
+async fn conversations_are_read_and_closed_over_the_api() {
+    let prefix = prefix("conversations");
+    let daemon = Daemon::start(DaemonConfig::on(Backend::Embedded, &prefix)).await;
+    daemon.wait_ready().await;
+    let get = |path: String| {
+        daemon
+            .http
+            .get(daemon.url(&path))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+    };
+
+    for (id, text) in [("m-1", "Hello, a question"), ("m-2", "and a second one")] {
+        let (status, _) = daemon.post("chat", &chat(id, "visitor-5", text)).await;
+        assert_eq!(status, 200);
+    }
+    let routed = daemon
+        .assignments("general", 2, Duration::from_secs(5))
+        .await;
+    assert_eq!(routed.len(), 2);
+    let conversation_id = routed[0].1["data"]["conversation_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        routed[1].1["data"]["conversation_id"],
+        conversation_id.as_str()
+    );
+
+    let response = get(format!("/api/v1/conversations/{conversation_id}"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let conversation: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(conversation["status"], "open");
+    assert_eq!(conversation["channels"], json!(["webchat"]));
+    assert_eq!(conversation["message_count"], 2);
+    let texts: Vec<&str> = conversation["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, ["Hello, a question", "and a second one"]);
+    let decisions = conversation["decisions"].as_array().unwrap();
+    assert_eq!(decisions.len(), 2);
+    assert_eq!(decisions[0]["queue"], "general");
+    assert!(decisions[0]["explanation"]["queue_reason"].is_string());
+
+    let response = daemon
+        .http
+        .post(daemon.url(&format!("/api/v1/conversations/{conversation_id}/close")))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let closed: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(closed["status"], "closed");
+    assert!(closed["closed_at"].is_i64());
+
+    let (status, _) = daemon
+        .post("chat", &chat("m-3", "visitor-5", "back again"))
+        .await;
+    assert_eq!(status, 200);
+    let next = daemon
+        .assignments("general", 1, Duration::from_secs(5))
+        .await;
+    assert_eq!(next.len(), 1);
+    let data = &next[0].1["data"];
+    assert_eq!(
+        data["customer_id"], routed[0].1["data"]["customer_id"],
+        "same customer"
+    );
+    assert_ne!(
+        data["conversation_id"],
+        conversation_id.as_str(),
+        "a new conversation"
+    );
+
+    let response = get("/api/v1/conversations/nope".to_owned()).await.unwrap();
+    assert_eq!(response.status(), 404);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "unknown_conversation");
+}

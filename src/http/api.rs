@@ -318,6 +318,43 @@ pub async fn patch_customer(
     )
 }
 
+/// `GET /api/v1/conversations/{id}`: the conversation, its messages and routing decisions.
+pub async fn get_conversation(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Response {
+    conversation_response(state.store.conversation(&id).await, &id)
+}
+
+/// `POST /api/v1/conversations/{id}/close`: the customer's next message starts a new one.
+pub async fn close_conversation(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Response {
+    let now_ms = i64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000)
+        .unwrap_or(i64::MAX);
+    conversation_response(state.store.close_conversation(&id, now_ms).await, &id)
+}
+
+fn conversation_response(
+    found: Result<Option<crate::store::ConversationRecord>, crate::store::StoreError>,
+    id: &str,
+) -> Response {
+    match found {
+        Ok(Some(conversation)) => Json(conversation).into_response(),
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            "unknown_conversation",
+            format!("no conversation `{id}`"),
+        ),
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            e.to_string(),
+        ),
+    }
+}
+
 fn customer_response(
     found: Result<Option<crate::store::CustomerRecord>, crate::store::StoreError>,
     what: &str,

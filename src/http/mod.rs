@@ -51,6 +51,8 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/customers/{id}",
             get(api::get_customer).patch(api::patch_customer),
         )
+        .route("/conversations/{id}", get(api::get_conversation))
+        .route("/conversations/{id}/close", post(api::close_conversation))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             api::require_token,

@@ -85,6 +85,27 @@ pub struct CustomerRecord {
     pub last_seen_at: i64,
 }
 
+/// A conversation as the API shows it, with its messages and routing decisions, oldest first.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ConversationRecord {
+    pub id: String,
+    pub customer_id: String,
+    /// `open` or `closed`.
+    pub status: String,
+    pub channels: Vec<String>,
+    pub queue: Option<String>,
+    pub agent_id: Option<String>,
+    pub message_count: i64,
+    /// Unix milliseconds.
+    pub opened_at: i64,
+    pub last_activity_at: i64,
+    pub closed_at: Option<i64>,
+    /// Normalized messages (the envelope as received) with `direction` and `received_at`.
+    pub messages: Vec<Value>,
+    /// `{queue, urgency, priority, decided_at, explanation}` per routed message.
+    pub decisions: Vec<Value>,
+}
+
 /// The router's decision step: pure, called inside the store transaction.
 pub type DecideFn<'a> = dyn Fn(&NormalizedMessage, &Resolved) -> Routed + Send + Sync + 'a;
 
@@ -128,6 +149,17 @@ pub trait Store: Send + Sync + 'static {
         id: &str,
         patch: &Map<String, Value>,
     ) -> Result<Option<CustomerRecord>, StoreError>;
+
+    /// The conversation with this id, its messages and decisions; `None` if there is none.
+    async fn conversation(&self, id: &str) -> Result<Option<ConversationRecord>, StoreError>;
+
+    /// Closes a conversation (the customer's next message starts a new one); closing a closed
+    /// conversation changes nothing. `None` if there is no such conversation.
+    async fn close_conversation(
+        &self,
+        id: &str,
+        now_ms: i64,
+    ) -> Result<Option<ConversationRecord>, StoreError>;
 
     /// Cheap liveness query for `/readyz`.
     async fn ping(&self) -> Result<(), StoreError>;

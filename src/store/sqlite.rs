@@ -18,8 +18,8 @@ use switchboard_channel::NormalizedMessage;
 use uuid::Uuid;
 
 use super::{
-    CustomerRecord, DecideFn, Resolved, RouteOutcome, Store, StoreError, StoredDecision,
-    merged_attributes,
+    ConversationRecord, CustomerRecord, DecideFn, Resolved, RouteOutcome, Store, StoreError,
+    StoredDecision, merged_attributes,
 };
 use crate::router::decide::{ConversationView, CustomerView, Identity};
 
@@ -182,6 +182,30 @@ impl Store for SqliteStore {
         Ok(updated)
     }
 
+    async fn conversation(&self, id: &str) -> Result<Option<ConversationRecord>, StoreError> {
+        let mut connection = self.pool.acquire().await?;
+        conversation(&mut connection, id).await
+    }
+
+    async fn close_conversation(
+        &self,
+        id: &str,
+        now_ms: i64,
+    ) -> Result<Option<ConversationRecord>, StoreError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::query(
+            "UPDATE conversations SET status = 'closed', closed_at = ?1, last_activity_at = ?1
+             WHERE id = ?2 AND status = 'open'",
+        )
+        .bind(now_ms)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        let record = conversation(&mut tx, id).await?;
+        tx.commit().await?;
+        Ok(record)
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
@@ -222,6 +246,72 @@ async fn customer(
         identities,
         created_at: row.get("created_at"),
         last_seen_at: row.get("last_seen_at"),
+    }))
+}
+
+async fn conversation(
+    connection: &mut SqliteConnection,
+    id: &str,
+) -> Result<Option<ConversationRecord>, StoreError> {
+    let Some(row) = sqlx::query(
+        "SELECT id, customer_id, status, channels, queue, agent_id, message_count, opened_at,
+                last_activity_at, closed_at
+         FROM conversations WHERE id = ?",
+    )
+    .bind(id)
+    .fetch_optional(&mut *connection)
+    .await?
+    else {
+        return Ok(None);
+    };
+    let mut messages = Vec::new();
+    for m in sqlx::query(
+        "SELECT envelope, direction, received_at FROM messages
+         WHERE conversation_id = ? ORDER BY received_at, rowid",
+    )
+    .bind(id)
+    .fetch_all(&mut *connection)
+    .await?
+    {
+        let mut envelope: Value = serde_json::from_str(m.get::<&str, _>("envelope"))?;
+        if let Value::Object(fields) = &mut envelope {
+            fields.insert("direction".into(), json!(m.get::<String, _>("direction")));
+            fields.insert("stored_at".into(), json!(m.get::<i64, _>("received_at")));
+        }
+        messages.push(envelope);
+    }
+    let mut decisions = Vec::new();
+    for d in sqlx::query(
+        "SELECT queue, urgency, priority, decided_at, assignment FROM decisions
+         WHERE conversation_id = ? ORDER BY decided_at, rowid",
+    )
+    .bind(id)
+    .fetch_all(&mut *connection)
+    .await?
+    {
+        let assignment: Value = serde_json::from_str(d.get::<&str, _>("assignment"))?;
+        decisions.push(json!({
+            "queue": d.get::<String, _>("queue"),
+            "urgency": d.get::<i64, _>("urgency"),
+            "priority": d.get::<i64, _>("priority"),
+            "decided_at": d.get::<i64, _>("decided_at"),
+            "message_id": assignment["data"]["message"]["message_id"],
+            "explanation": assignment["data"]["explanation"],
+        }));
+    }
+    Ok(Some(ConversationRecord {
+        id: row.get("id"),
+        customer_id: row.get("customer_id"),
+        status: row.get("status"),
+        channels: serde_json::from_str(row.get::<&str, _>("channels"))?,
+        queue: row.get("queue"),
+        agent_id: row.get("agent_id"),
+        message_count: row.get("message_count"),
+        opened_at: row.get("opened_at"),
+        last_activity_at: row.get("last_activity_at"),
+        closed_at: row.get("closed_at"),
+        messages,
+        decisions,
     }))
 }
 
