@@ -52,7 +52,7 @@ pub async fn run(loaded: Loaded, rules_override: Option<PathBuf>) -> anyhow::Res
 
     let (store, bus) = match config.bus.url.clone() {
         Some(url) => {
-            let store = store::open(&config.store.url)
+            let store = store::open(&config.store.url, config.routing.reopen_window)
                 .await
                 .with_context(|| format!("opening the store {}", config.store.url))?;
             let bus = AmqpBus::start(
@@ -68,7 +68,8 @@ pub async fn run(loaded: Loaded, rules_override: Option<PathBuf>) -> anyhow::Res
         None => {
             let sqlite = SqliteStore::open(&config.store.url)
                 .await
-                .with_context(|| format!("opening the store {}", config.store.url))?;
+                .with_context(|| format!("opening the store {}", config.store.url))?
+                .with_reopen_window(config.routing.reopen_window);
             let bus = EmbeddedBus::start(
                 sqlite.pool().clone(),
                 &config.bus,

@@ -541,8 +541,9 @@ async fn customers_are_read_and_their_attributes_set_over_the_api() {
     assert_eq!(response.status(), 401, "the customer API needs the token");
 }
 
-/// A conversation's messages and decisions over the API; closing it makes the customer's next
-/// message start a new one.
+/// A conversation's messages and decisions over the API; a closed conversation reopens when the
+/// customer writes again within `[routing] reopen_window` (72 h by default); with a window of
+/// 0 s a new conversation starts.
 #[tokio::test]
 async fn conversations_are_read_and_closed_over_the_api() {
     let prefix = prefix("conversations");
@@ -618,9 +619,55 @@ async fn conversations_are_read_and_closed_over_the_api() {
         data["customer_id"], routed[0].1["data"]["customer_id"],
         "same customer"
     );
-    assert_ne!(
+    assert_eq!(
         data["conversation_id"],
         conversation_id.as_str(),
+        "reopened within 72 h"
+    );
+    let reopened: serde_json::Value = get(format!("/api/v1/conversations/{conversation_id}"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(reopened["status"], "open");
+    assert_eq!(reopened["message_count"], 3);
+
+    // With no reopen window, a closed conversation stays closed.
+    let prefix = common::prefix("conversations-0");
+    let mut config = DaemonConfig::on(Backend::Embedded, &prefix);
+    config
+        .env
+        .push(("SWITCHBOARD__ROUTING__REOPEN_WINDOW".into(), "0s".into()));
+    let strict = Daemon::start(config).await;
+    strict.wait_ready().await;
+    strict
+        .post("chat", &chat("m-1", "visitor-6", "first"))
+        .await;
+    let first = strict
+        .assignments("general", 1, Duration::from_secs(5))
+        .await;
+    let first_id = first[0].1["data"]["conversation_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let response = strict
+        .http
+        .post(strict.url(&format!("/api/v1/conversations/{first_id}/close")))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    strict
+        .post("chat", &chat("m-2", "visitor-6", "second"))
+        .await;
+    let second = strict
+        .assignments("general", 1, Duration::from_secs(5))
+        .await;
+    assert_ne!(
+        second[0].1["data"]["conversation_id"],
+        first_id.as_str(),
         "a new conversation"
     );
 

@@ -104,6 +104,10 @@ pub struct RoutingConfig {
     pub rules: PathBuf,
     /// Reload the rules when a file in the directory changes. Off: only SIGHUP reloads.
     pub watch: bool,
+    /// A customer writing within this long after their conversation was closed reopens it;
+    /// later, a new conversation starts.
+    #[serde(with = "duration")]
+    pub reopen_window: Duration,
 }
 
 impl Default for RoutingConfig {
@@ -111,6 +115,7 @@ impl Default for RoutingConfig {
         Self {
             rules: PathBuf::from("routing-rules"),
             watch: true,
+            reopen_window: crate::store::DEFAULT_REOPEN_WINDOW,
         }
     }
 }

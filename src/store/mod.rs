@@ -167,10 +167,21 @@ pub trait Store: Send + Sync + 'static {
     async fn close(&self);
 }
 
+/// How long after a conversation was closed the customer's next message reopens it, unless
+/// `[routing] reopen_window` says otherwise.
+pub const DEFAULT_REOPEN_WINDOW: std::time::Duration = std::time::Duration::from_secs(72 * 3600);
+
 /// Opens the store named by `url`.
-pub async fn open(url: &str) -> Result<std::sync::Arc<dyn Store>, StoreError> {
+pub async fn open(
+    url: &str,
+    reopen_window: std::time::Duration,
+) -> Result<std::sync::Arc<dyn Store>, StoreError> {
     if url.starts_with("sqlite:") {
-        Ok(std::sync::Arc::new(SqliteStore::open(url).await?))
+        Ok(std::sync::Arc::new(
+            SqliteStore::open(url)
+                .await?
+                .with_reopen_window(reopen_window),
+        ))
     } else {
         Err(StoreError::Unsupported(url.to_owned()))
     }

@@ -28,6 +28,8 @@ const DAY_MS: i64 = 24 * 60 * 60 * 1000;
 pub struct SqliteStore {
     pool: SqlitePool,
     path: PathBuf,
+    /// A closed conversation the customer writes to again within this long is reopened.
+    reopen_window_ms: i64,
 }
 
 impl SqliteStore {
@@ -80,7 +82,19 @@ impl SqliteStore {
             .run(&pool)
             .await?;
         let path = std::fs::canonicalize(&path).unwrap_or(path);
-        Ok(Self { pool, path })
+        Ok(Self {
+            pool,
+            path,
+            reopen_window_ms: i64::try_from(super::DEFAULT_REOPEN_WINDOW.as_millis())
+                .unwrap_or(i64::MAX),
+        })
+    }
+
+    /// Sets how long after closing a conversation the customer's next message reopens it.
+    #[must_use]
+    pub fn with_reopen_window(mut self, window: Duration) -> Self {
+        self.reopen_window_ms = i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
+        self
     }
 
     pub fn pool(&self) -> &SqlitePool {
@@ -103,7 +117,7 @@ impl Store for SqliteStore {
     ) -> Result<Vec<RouteOutcome>, StoreError> {
         // IMMEDIATE: take the write lock first, so the reads below stay valid until commit.
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let outcomes = route_in(&mut tx, messages, now_ms, decide).await?;
+        let outcomes = route_in(&mut tx, messages, now_ms, self.reopen_window_ms, decide).await?;
         tx.commit().await?;
         Ok(outcomes)
     }
@@ -362,6 +376,7 @@ async fn route_in(
     connection: &mut SqliteConnection,
     messages: &[NormalizedMessage],
     now_ms: i64,
+    reopen_window_ms: i64,
     decide: &DecideFn<'_>,
 ) -> Result<Vec<RouteOutcome>, StoreError> {
     let keys: Vec<[&str; 2]> = messages
@@ -453,6 +468,40 @@ async fn route_in(
         }
         if conversations.contains_key(&customer_id) {
             continue; // an older open conversation; the latest one continues
+        }
+        let channels: Vec<String> = serde_json::from_str(row.get::<&str, _>("channels"))?;
+        conversations.insert(
+            customer_id,
+            ConversationState {
+                id: row.get("id"),
+                channels,
+                message_count: row.get("message_count"),
+                opened_at: row.get("opened_at"),
+                agent_id: row.get("agent_id"),
+                queue: row.get("queue"),
+                is_new: false,
+            },
+        );
+    }
+    // No open conversation: the latest one closed within the reopen window continues.
+    for row in sqlx::query(
+        "SELECT id, customer_id, channels, message_count, opened_at, agent_id, queue
+         FROM conversations
+         WHERE customer_id IN (SELECT value FROM json_each(?)) AND status = 'closed'
+               AND closed_at > ?
+         ORDER BY closed_at DESC",
+    )
+    .bind(&known)
+    .bind(now_ms.saturating_sub(reopen_window_ms))
+    .fetch_all(&mut *connection)
+    .await?
+    {
+        let customer_id: String = row.get("customer_id");
+        if conversations.contains_key(&customer_id) {
+            continue;
+        }
+        if let Some(customer) = customers.get_mut(&customer_id) {
+            customer.open_conversations += 1;
         }
         let channels: Vec<String> = serde_json::from_str(row.get::<&str, _>("channels"))?;
         conversations.insert(
@@ -669,7 +718,8 @@ async fn route_in(
     if !seen_conversations.is_empty() {
         sqlx::query(
             "UPDATE conversations SET channels = j.value ->> 'channels', queue = j.value ->> 'queue',
-                    message_count = j.value ->> 'message_count', last_activity_at = ?1
+                    message_count = j.value ->> 'message_count', last_activity_at = ?1,
+                    status = 'open', closed_at = NULL
              FROM jsonb_each(?2) AS j WHERE conversations.id = j.value ->> 'id'",
         )
         .bind(now_ms)

@@ -207,3 +207,51 @@ async fn unwritable_location_is_a_clear_error() {
         "{error}"
     );
 }
+
+#[tokio::test]
+async fn a_closed_conversation_reopens_within_the_window_and_not_after() {
+    let (_dir, store) = store().await;
+    let store = store.with_reopen_window(std::time::Duration::from_secs(72 * 3600));
+    let hour = 60 * 60 * 1000;
+    let (_, seen) = route(&store, &[message("m-1", "visitor-1", "webchat")], hour).await;
+    let first = seen[0].conversation.id.clone();
+
+    // Closed, then the customer writes again 2 hours later: the same conversation, open again.
+    let closed = store
+        .close_conversation(&first, 2 * hour)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(closed.status, "closed");
+    assert_eq!(closed.closed_at, Some(2 * hour));
+    let (_, seen) = route(&store, &[message("m-2", "visitor-1", "email")], 4 * hour).await;
+    assert_eq!(seen[0].conversation.id, first, "reopened within the window");
+    assert!(!seen[0].conversation.new);
+    assert_eq!(seen[0].customer.channels_used, ["webchat", "email"]);
+    let reopened = store.conversation(&first).await.unwrap().unwrap();
+    assert_eq!(reopened.status, "open");
+    assert_eq!(reopened.closed_at, None);
+    assert_eq!(reopened.message_count, 2);
+    assert_eq!(reopened.messages.len(), 2);
+    assert_eq!(reopened.decisions.len(), 2);
+
+    // Closed again, and the customer comes back 73 hours later: a new conversation.
+    store.close_conversation(&first, 5 * hour).await.unwrap();
+    let (_, seen) = route(&store, &[message("m-3", "visitor-1", "webchat")], 78 * hour).await;
+    assert_ne!(
+        seen[0].conversation.id, first,
+        "outside the window: a new conversation"
+    );
+    assert!(seen[0].conversation.new);
+    let old = store.conversation(&first).await.unwrap().unwrap();
+    assert_eq!(old.status, "closed");
+    assert_eq!(old.message_count, 2);
+    assert!(store.conversation("nope").await.unwrap().is_none());
+    assert!(
+        store
+            .close_conversation("nope", hour)
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
