@@ -52,9 +52,13 @@ pub async fn run(loaded: Loaded, rules_override: Option<PathBuf>) -> anyhow::Res
 
     let (store, bus) = match config.bus.url.clone() {
         Some(url) => {
-            let store = store::open(&config.store.url, config.routing.reopen_window)
-                .await
-                .with_context(|| format!("opening the store {}", config.store.url))?;
+            let store = store::open(
+                &config.store.url,
+                config.routing.reopen_window,
+                config.routing.history,
+            )
+            .await
+            .with_context(|| format!("opening the store {}", config.store.url))?;
             let bus = AmqpBus::start(
                 &url,
                 &config.bus,
@@ -69,7 +73,8 @@ pub async fn run(loaded: Loaded, rules_override: Option<PathBuf>) -> anyhow::Res
             let sqlite = SqliteStore::open(&config.store.url)
                 .await
                 .with_context(|| format!("opening the store {}", config.store.url))?
-                .with_reopen_window(config.routing.reopen_window);
+                .with_reopen_window(config.routing.reopen_window)
+                .with_history(config.routing.history);
             let bus = EmbeddedBus::start(
                 sqlite.pool().clone(),
                 &config.bus,

@@ -624,6 +624,24 @@ async fn conversations_are_read_and_closed_over_the_api() {
         conversation_id.as_str(),
         "reopened within 72 h"
     );
+    // The agent sees what the customer already said.
+    let history = data["context"]["history"].as_array().expect("history");
+    let said: Vec<(&str, &str)> = history
+        .iter()
+        .map(|h| (h["channel"].as_str().unwrap(), h["text"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        said,
+        [
+            ("webchat", "Hello, a question"),
+            ("webchat", "and a second one")
+        ]
+    );
+    assert!(
+        data["context"]["open_since"]
+            .as_str()
+            .is_some_and(|s| s.ends_with('Z'))
+    );
     let reopened: serde_json::Value = get(format!("/api/v1/conversations/{conversation_id}"))
         .await
         .unwrap()

@@ -108,6 +108,9 @@ pub struct RoutingConfig {
     /// later, a new conversation starts.
     #[serde(with = "duration")]
     pub reopen_window: Duration,
+    /// Earlier messages of the customer (every channel) each assignment carries in
+    /// `context.history`.
+    pub history: usize,
 }
 
 impl Default for RoutingConfig {
@@ -116,6 +119,7 @@ impl Default for RoutingConfig {
             rules: PathBuf::from("routing-rules"),
             watch: true,
             reopen_window: crate::store::DEFAULT_REOPEN_WINDOW,
+            history: crate::store::DEFAULT_HISTORY,
         }
     }
 }

@@ -71,7 +71,9 @@ pub struct AssignmentData<'a> {
 #[derive(Debug, Clone, Serialize)]
 pub struct Context<'a> {
     pub customer: ContextCustomer<'a>,
-    pub history: Vec<Value>,
+    pub history: &'a [crate::store::HistoryEntry],
+    /// When the conversation opened (RFC 3339).
+    pub open_since: String,
     pub channels_used: &'a [String],
     pub previous_agent: Option<&'a str>,
     pub contacts_last_24h: u32,
@@ -425,12 +427,7 @@ fn route(
         "Conversation assigned."
     );
     Routed {
-        assignment: assignment_json(
-            message,
-            &resolved.customer,
-            &resolved.conversation.id,
-            &decision,
-        ),
+        assignment: assignment_json(message, resolved, &decision),
         queue: decision.queue,
         urgency: decision.urgency,
         priority: decision.priority,
@@ -451,10 +448,20 @@ fn assignment_event_id(message: &NormalizedMessage) -> String {
 /// The assignment CloudEvent as JSON.
 pub fn assignment_json(
     message: &NormalizedMessage,
-    customer: &super::decide::CustomerView,
-    conversation_id: &str,
+    resolved: &Resolved,
     decision: &Decision,
 ) -> String {
+    let customer = &resolved.customer;
+    let conversation_id = resolved.conversation.id.as_str();
+    let open_since = OffsetDateTime::from_unix_timestamp_nanos(
+        i128::from(resolved.conversation_opened_at) * 1_000_000,
+    )
+    .ok()
+    .and_then(|t| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .ok()
+    })
+    .unwrap_or_default();
     let data = AssignmentData {
         conversation_id,
         customer_id: &customer.id,
@@ -472,7 +479,8 @@ pub fn assignment_json(
                 attributes: &customer.attributes,
                 identities: &customer.identities,
             },
-            history: Vec::new(),
+            history: &resolved.history,
+            open_since,
             channels_used: &customer.channels_used,
             previous_agent: customer.previous_agent.as_deref(),
             contacts_last_24h: customer.contacts_last_24h,

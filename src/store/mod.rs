@@ -49,7 +49,24 @@ pub struct StoredDecision {
 pub struct Resolved {
     pub customer: CustomerView,
     pub conversation: ConversationView,
+    /// The customer's latest earlier messages, on every channel, oldest first.
+    pub history: Vec<HistoryEntry>,
+    /// When the conversation opened (Unix ms).
+    pub conversation_opened_at: i64,
 }
+
+/// One earlier message in an assignment's `context.history`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct HistoryEntry {
+    /// Channel kind: `webchat`, `email`, …
+    pub channel: String,
+    pub text: String,
+    /// RFC 3339.
+    pub at: String,
+}
+
+/// Earlier messages an assignment carries, unless `[routing] history` says otherwise.
+pub const DEFAULT_HISTORY: usize = 10;
 
 /// What the router decided for one message, to record with it.
 #[derive(Debug, Clone)]
@@ -175,12 +192,14 @@ pub const DEFAULT_REOPEN_WINDOW: std::time::Duration = std::time::Duration::from
 pub async fn open(
     url: &str,
     reopen_window: std::time::Duration,
+    history: usize,
 ) -> Result<std::sync::Arc<dyn Store>, StoreError> {
     if url.starts_with("sqlite:") {
         Ok(std::sync::Arc::new(
             SqliteStore::open(url)
                 .await?
-                .with_reopen_window(reopen_window),
+                .with_reopen_window(reopen_window)
+                .with_history(history),
         ))
     } else {
         Err(StoreError::Unsupported(url.to_owned()))

@@ -18,8 +18,8 @@ use switchboard_channel::NormalizedMessage;
 use uuid::Uuid;
 
 use super::{
-    ConversationRecord, CustomerRecord, DecideFn, Resolved, RouteOutcome, Store, StoreError,
-    StoredDecision, merged_attributes,
+    ConversationRecord, CustomerRecord, DecideFn, HistoryEntry, Resolved, RouteOutcome, Store,
+    StoreError, StoredDecision, merged_attributes,
 };
 use crate::router::decide::{ConversationView, CustomerView, Identity};
 
@@ -30,6 +30,8 @@ pub struct SqliteStore {
     path: PathBuf,
     /// A closed conversation the customer writes to again within this long is reopened.
     reopen_window_ms: i64,
+    /// Earlier messages each decision sees in `history`.
+    history: usize,
 }
 
 impl SqliteStore {
@@ -87,6 +89,7 @@ impl SqliteStore {
             path,
             reopen_window_ms: i64::try_from(super::DEFAULT_REOPEN_WINDOW.as_millis())
                 .unwrap_or(i64::MAX),
+            history: super::DEFAULT_HISTORY,
         })
     }
 
@@ -94,6 +97,13 @@ impl SqliteStore {
     #[must_use]
     pub fn with_reopen_window(mut self, window: Duration) -> Self {
         self.reopen_window_ms = i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
+        self
+    }
+
+    /// Sets how many earlier messages each assignment's context carries.
+    #[must_use]
+    pub fn with_history(mut self, history: usize) -> Self {
+        self.history = history;
         self
     }
 
@@ -117,7 +127,15 @@ impl Store for SqliteStore {
     ) -> Result<Vec<RouteOutcome>, StoreError> {
         // IMMEDIATE: take the write lock first, so the reads below stay valid until commit.
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let outcomes = route_in(&mut tx, messages, now_ms, self.reopen_window_ms, decide).await?;
+        let outcomes = route_in(
+            &mut tx,
+            messages,
+            now_ms,
+            self.reopen_window_ms,
+            self.history,
+            decide,
+        )
+        .await?;
         tx.commit().await?;
         Ok(outcomes)
     }
@@ -355,6 +373,8 @@ struct CustomerState {
     recent: u32,
     open_conversations: u32,
     is_new: bool,
+    /// Latest messages, oldest first, at most `history_len`.
+    history: std::collections::VecDeque<HistoryEntry>,
 }
 
 /// A customer's open conversation as the batch sees it.
@@ -377,6 +397,7 @@ async fn route_in(
     messages: &[NormalizedMessage],
     now_ms: i64,
     reopen_window_ms: i64,
+    history_len: usize,
     decide: &DecideFn<'_>,
 ) -> Result<Vec<RouteOutcome>, StoreError> {
     let keys: Vec<[&str; 2]> = messages
@@ -430,6 +451,7 @@ async fn route_in(
                 recent: 0,
                 open_conversations: 0,
                 is_new: false,
+                history: std::collections::VecDeque::new(),
             });
         }
     }
@@ -532,6 +554,32 @@ async fn route_in(
         }
     }
 
+    // The latest messages of each known customer, on every channel.
+    if history_len > 0 {
+        for row in sqlx::query(
+            "SELECT customer_id, channel, text, received_at FROM (
+                 SELECT customer_id, envelope ->> '$.channel.kind' AS channel,
+                        envelope ->> '$.text' AS text, received_at,
+                        row_number() OVER (PARTITION BY customer_id
+                                           ORDER BY received_at DESC, rowid DESC) AS n
+                 FROM messages WHERE customer_id IN (SELECT value FROM json_each(?)))
+             WHERE n <= ? ORDER BY customer_id, n DESC",
+        )
+        .bind(&known)
+        .bind(i64::try_from(history_len).unwrap_or(i64::MAX))
+        .fetch_all(&mut *connection)
+        .await?
+        {
+            if let Some(customer) = customers.get_mut(row.get::<&str, _>("customer_id")) {
+                customer.history.push_back(HistoryEntry {
+                    channel: row.get::<Option<String>, _>("channel").unwrap_or_default(),
+                    text: row.get::<Option<String>, _>("text").unwrap_or_default(),
+                    at: rfc3339(row.get("received_at")),
+                });
+            }
+        }
+    }
+
     // Decide in order.
     let mut outcomes = Vec::with_capacity(messages.len());
     let mut touched: Vec<String> = Vec::new();
@@ -562,6 +610,7 @@ async fn route_in(
                         recent: 0,
                         open_conversations: 0,
                         is_new: true,
+                        history: std::collections::VecDeque::new(),
                     },
                 );
                 id
@@ -599,10 +648,22 @@ async fn route_in(
                 age: (now_ms - conversation.opened_at).max(0) / 1000,
                 message_count: u32::try_from(conversation.message_count).unwrap_or(u32::MAX),
             },
+            history: customer.history.iter().cloned().collect(),
+            conversation_opened_at: conversation.opened_at,
         };
         let routed = decide(message, &resolved);
 
         customer.recent = customer.recent.saturating_add(1);
+        if history_len > 0 {
+            if customer.history.len() >= history_len {
+                customer.history.pop_front();
+            }
+            customer.history.push_back(HistoryEntry {
+                channel: message.channel.kind.clone(),
+                text: message.text.clone(),
+                at: rfc3339(now_ms),
+            });
+        }
         conversation.message_count += 1;
         if !conversation.channels.contains(&message.channel.kind) {
             conversation.channels.push(message.channel.kind.clone());
@@ -764,6 +825,17 @@ async fn route_in(
         insert.build().execute(&mut *connection).await?;
     }
     Ok(outcomes)
+}
+
+/// Unix milliseconds → RFC 3339.
+fn rfc3339(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
 }
 
 /// Rows per multi-row INSERT (8 parameters each, well under SQLite's limit of 32,766).

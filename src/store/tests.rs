@@ -255,3 +255,45 @@ async fn a_closed_conversation_reopens_within_the_window_and_not_after() {
             .is_none()
     );
 }
+
+#[tokio::test]
+async fn each_decision_sees_the_customers_latest_messages_on_every_channel() {
+    let (_dir, store) = store().await;
+    let store = store.with_history(2);
+    let with_text = |id: &str, kind: &str, text: &str| {
+        let mut m = message(id, "visitor-1", kind);
+        m.text = text.into();
+        m
+    };
+    let (_, seen) = route(&store, &[with_text("m-1", "webchat", "first")], 1_000).await;
+    assert!(
+        seen[0].history.is_empty(),
+        "nothing before the first message"
+    );
+    assert_eq!(seen[0].conversation_opened_at, 1_000);
+
+    // Two in one batch: the second sees the first.
+    let (_, seen) = route(
+        &store,
+        &[
+            with_text("m-2", "email", "second"),
+            with_text("m-3", "webchat", "third"),
+        ],
+        2_000,
+    )
+    .await;
+    let texts = |h: &[HistoryEntry]| h.iter().map(|e| e.text.clone()).collect::<Vec<_>>();
+    assert_eq!(texts(&seen[0].history), ["first"]);
+    assert_eq!(texts(&seen[1].history), ["first", "second"]);
+    assert_eq!(seen[1].history[1].channel, "email");
+    assert_eq!(seen[1].history[0].at, "1970-01-01T00:00:01Z");
+
+    // From the store, capped at 2, oldest first.
+    let (_, seen) = route(&store, &[with_text("m-4", "webchat", "fourth")], 3_000).await;
+    assert_eq!(texts(&seen[0].history), ["second", "third"]);
+    assert_eq!(seen[0].conversation_opened_at, 1_000);
+
+    // Another customer sees only their own.
+    let (_, seen) = route(&store, &[message("m-5", "visitor-2", "webchat")], 4_000).await;
+    assert!(seen[0].history.is_empty());
+}
