@@ -473,45 +473,15 @@ async fn route_in(
             });
         }
     }
+    // Each customer's latest open conversation continues; without one, the latest closed
+    // within the reopen window does (open ones come first).
     let mut conversations: HashMap<String, ConversationState> = HashMap::new();
     for row in sqlx::query(
-        "SELECT id, customer_id, channels, message_count, opened_at, agent_id, queue
+        "SELECT id, customer_id, status, channels, message_count, opened_at, agent_id, queue
          FROM conversations
-         WHERE customer_id IN (SELECT value FROM json_each(?)) AND status = 'open'
-         ORDER BY last_activity_at DESC",
-    )
-    .bind(&known)
-    .fetch_all(&mut *connection)
-    .await?
-    {
-        let customer_id: String = row.get("customer_id");
-        if let Some(customer) = customers.get_mut(&customer_id) {
-            customer.open_conversations += 1;
-        }
-        if conversations.contains_key(&customer_id) {
-            continue; // an older open conversation; the latest one continues
-        }
-        let channels: Vec<String> = serde_json::from_str(row.get::<&str, _>("channels"))?;
-        conversations.insert(
-            customer_id,
-            ConversationState {
-                id: row.get("id"),
-                channels,
-                message_count: row.get("message_count"),
-                opened_at: row.get("opened_at"),
-                agent_id: row.get("agent_id"),
-                queue: row.get("queue"),
-                is_new: false,
-            },
-        );
-    }
-    // No open conversation: the latest one closed within the reopen window continues.
-    for row in sqlx::query(
-        "SELECT id, customer_id, channels, message_count, opened_at, agent_id, queue
-         FROM conversations
-         WHERE customer_id IN (SELECT value FROM json_each(?)) AND status = 'closed'
-               AND closed_at > ?
-         ORDER BY closed_at DESC",
+         WHERE customer_id IN (SELECT value FROM json_each(?1))
+               AND (status = 'open' OR closed_at > ?2)
+         ORDER BY status = 'open' DESC, last_activity_at DESC",
     )
     .bind(&known)
     .bind(now_ms.saturating_sub(reopen_window_ms))
@@ -519,11 +489,15 @@ async fn route_in(
     .await?
     {
         let customer_id: String = row.get("customer_id");
-        if conversations.contains_key(&customer_id) {
-            continue;
-        }
-        if let Some(customer) = customers.get_mut(&customer_id) {
+        let open = row.get::<&str, _>("status") == "open";
+        let taken = conversations.contains_key(&customer_id);
+        if let Some(customer) = customers.get_mut(&customer_id)
+            && (open || !taken)
+        {
             customer.open_conversations += 1;
+        }
+        if taken {
+            continue; // an older open one, or a closed one while an open one continues
         }
         let channels: Vec<String> = serde_json::from_str(row.get::<&str, _>("channels"))?;
         conversations.insert(
