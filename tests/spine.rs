@@ -1064,3 +1064,47 @@ async fn a_configmap_style_symlink_swap_reloads_the_rules() {
         "the swapped-in rule routes the next message"
     );
 }
+
+/// A message RabbitMQ dead-lettered (past the delivery limit) keeps its death headers when an
+/// operator replays it to `<p>.inbound` (docs/OPERATIONS.md): it is routed like any other, not
+/// taken for an assignment handed back by an agent queue.
+#[tokio::test]
+async fn a_replayed_dead_letter_is_routed_normally() {
+    let rabbit = rabbit().await;
+    let prefix = prefix("replay");
+    let daemon = Daemon::start(DaemonConfig::new(&prefix)).await;
+    daemon.wait_ready().await;
+
+    let message = serde_json::json!({
+        "specversion": "1.0", "id": "00000000-0000-5000-8000-000000000001",
+        "source": "/webhooks/chat", "type": "switchboard.message.received",
+        "time": "2026-11-22T12:00:00Z", "datacontenttype": "application/json",
+        "data": {
+            "message_id": "00000000-0000-5000-8000-000000000001",
+            "channel": {"id": "chat", "kind": "webchat"}, "external_id": "replayed-1",
+            "thread_key": null, "sender": {"kind": "webchat", "address": "v-replay", "name": null},
+            "subject": null, "text": "hello again, a replayed message", "attachments": [],
+            "received_at": "2026-11-22T12:00:00Z", "auto_submitted": false, "metadata": {}
+        }
+    });
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert(
+        "x-first-death-reason".into(),
+        lapin::types::AMQPValue::LongString("delivery_limit".into()),
+    );
+    publish_with(
+        &rabbit,
+        &format!("{prefix}.inbound"),
+        "webchat.chat",
+        message.to_string().as_bytes(),
+        lapin::BasicProperties::default().with_headers(headers),
+    )
+    .await;
+    let general = daemon
+        .assignments("general", 1, Duration::from_secs(5))
+        .await;
+    assert_eq!(general.len(), 1, "{}", daemon.log());
+    assert_eq!(general[0].1["data"]["message"]["external_id"], "replayed-1");
+    assert_eq!(daemon.queue_depth(&format!("{prefix}.dead")).await, 0);
+    daemon.cleanup(QUEUES).await;
+}

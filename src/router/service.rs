@@ -260,8 +260,14 @@ impl Router {
         let mut keys = HashSet::new();
         let rules = self.rules.load_full();
         for (index, delivery) in batch.iter().enumerate() {
-            if let Some(reason) = &delivery.death_reason {
-                // An assignment handed back by an agent queue (its SLA passed).
+            if let Some(reason) = delivery
+                .death_reason
+                .as_deref()
+                .filter(|_| is_assignment(&delivery.body))
+            {
+                // An assignment handed back by an agent queue (its SLA passed). A dead-lettered
+                // inbound message replayed from the dead queue keeps its death headers and
+                // takes the normal path.
                 outcomes[index] = Some(
                     super::overflow::returned(
                         &rules,
@@ -384,6 +390,17 @@ struct Prepared {
     outcomes: Vec<(u64, Outcome)>,
     publish_keys: Vec<(String, String)>,
     queues: Vec<String>,
+}
+
+/// Whether `body` is an assignment event (only asked of dead-lettered deliveries).
+fn is_assignment(body: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Head {
+        #[serde(rename = "type")]
+        ty: String,
+    }
+    serde_json::from_slice::<Head>(body)
+        .is_ok_and(|head| head.ty == event_type::CONVERSATION_ASSIGNED)
 }
 
 fn parse(delivery: &Delivery) -> Result<NormalizedMessage, String> {

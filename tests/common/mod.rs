@@ -552,6 +552,17 @@ pub async fn depth(connection: &Connection, queue: &str) -> usize {
 
 /// Publishes raw bytes to an exchange (for poison-message tests).
 pub async fn publish_raw(connection: &Connection, exchange: &str, key: &str, body: &[u8]) {
+    publish_with(connection, exchange, key, body, BasicProperties::default()).await;
+}
+
+/// Publishes `body` with `properties` (headers, …) and waits for the broker's confirm.
+pub async fn publish_with(
+    connection: &Connection,
+    exchange: &str,
+    key: &str,
+    body: &[u8],
+    properties: BasicProperties,
+) {
     let channel = connection.create_channel().await.expect("channel");
     channel
         .confirm_select(Default::default())
@@ -563,7 +574,7 @@ pub async fn publish_raw(connection: &Connection, exchange: &str, key: &str, bod
             key.into(),
             BasicPublishOptions::default(),
             body,
-            BasicProperties::default(),
+            properties,
         )
         .await
         .expect("publish")
