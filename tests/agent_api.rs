@@ -694,3 +694,88 @@ async fn conversations_are_read_and_closed_over_the_api() {
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], "unknown_conversation");
 }
+
+/// Dana fills the web chat form with her email and phone, then writes from her phone number,
+/// then from her email address: one customer, one conversation, and the third assignment lists
+/// the first two messages.
+#[tokio::test]
+async fn one_customer_across_identities_with_the_history_in_context() {
+    let prefix = prefix("dana");
+    let daemon = Daemon::start(DaemonConfig::on(Backend::Embedded, &prefix)).await;
+    daemon.wait_ready().await;
+    let posts = [
+        json!({"message_id": "d-1", "customer": {"id": "visitor-dana", "email": " Dana@Example.com ",
+               "phone": "+1 (555) 123-4567"}, "text": "Where is my order 1234?"}),
+        json!({"message_id": "d-2", "customer": {"phone": "+15551234567"},
+               "text": "Hello? Still waiting for order 1234"}),
+        json!({"message_id": "d-3", "customer": {"email": "dana@example.com"},
+               "text": "Any news on order 1234?"}),
+    ];
+    let mut routed = Vec::new();
+    for post in &posts {
+        let (status, body) = daemon.post("chat", &post.to_string()).await;
+        assert_eq!(status, 200, "{body}");
+        // One at a time, so each sees the previous one.
+        let mut got = daemon
+            .assignments("general", 1, Duration::from_secs(5))
+            .await;
+        assert_eq!(got.len(), 1);
+        routed.push(got.remove(0).1);
+    }
+    let customer = routed[0]["data"]["customer_id"].as_str().unwrap();
+    let conversation = routed[0]["data"]["conversation_id"].as_str().unwrap();
+    for assignment in &routed {
+        assert_eq!(assignment["data"]["customer_id"], customer, "one customer");
+        assert_eq!(
+            assignment["data"]["conversation_id"], conversation,
+            "one conversation"
+        );
+    }
+    let third = &routed[2]["data"]["context"];
+    let said: Vec<(&str, &str)> = third["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| (h["channel"].as_str().unwrap(), h["text"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        said,
+        [
+            ("webchat", "Where is my order 1234?"),
+            ("webchat", "Hello? Still waiting for order 1234")
+        ]
+    );
+    let mut identities: Vec<String> = third["customer"]["identities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            format!(
+                "{}:{}",
+                i["kind"].as_str().unwrap(),
+                i["address"].as_str().unwrap()
+            )
+        })
+        .collect();
+    identities.sort();
+    assert_eq!(
+        identities,
+        [
+            "email:dana@example.com",
+            "phone:+15551234567",
+            "webchat:visitor-dana"
+        ]
+    );
+    let response = daemon
+        .http
+        .get(daemon.url("/api/v1/customers?identity=phone:%2B15551234567"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.json::<serde_json::Value>().await.unwrap()["id"],
+        customer
+    );
+}

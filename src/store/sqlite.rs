@@ -423,10 +423,13 @@ async fn route_in(
         );
     }
 
-    // Who are the senders we do not know a decision for?
-    let senders: Vec<[&str; 2]> = messages
+    // Every identity the batch's messages carry: their senders and the identities adapters
+    // list in `metadata.identities` (a web chat form's email and phone).
+    let all_identities: Vec<Vec<(String, String)>> = messages.iter().map(identities_of).collect();
+    let senders: Vec<[&str; 2]> = all_identities
         .iter()
-        .map(|m| [m.sender.kind.as_str(), m.sender.address.as_str()])
+        .flatten()
+        .map(|(kind, address)| [kind.as_str(), address.as_str()])
         .collect();
     let mut by_identity: HashMap<(String, String), String> = HashMap::new();
     let mut customers: HashMap<String, CustomerState> = HashMap::new();
@@ -561,27 +564,25 @@ async fn route_in(
     let mut new_identities: Vec<(String, String, String)> = Vec::new();
     let mut rows: Vec<Row<'_>> = Vec::new();
     let mut decided: HashMap<(String, String), StoredDecision> = HashMap::new();
-    for message in messages {
+    for (position, message) in messages.iter().enumerate() {
         let key = (message.channel.id.clone(), message.external_id.clone());
         if let Some(stored) = existing.get(&key).or_else(|| decided.get(&key)) {
             outcomes.push(RouteOutcome::Existing(stored.clone()));
             continue;
         }
-        let identity = (message.sender.kind.clone(), message.sender.address.clone());
-        let customer_id = match by_identity.get(&identity) {
+        // The customer behind the first known identity (the sender's first); a new one if
+        // none is known. The message's unknown identities are linked to that customer; one
+        // that already belongs to another customer stays there (merging is explicit).
+        let identities = &all_identities[position];
+        let customer_id = match identities.iter().find_map(|i| by_identity.get(i)) {
             Some(id) => id.clone(),
             None => {
                 let id = Uuid::new_v4().to_string();
-                by_identity.insert(identity.clone(), id.clone());
-                new_identities.push((identity.0.clone(), identity.1.clone(), id.clone()));
                 customers.insert(
                     id.clone(),
                     CustomerState {
                         attributes: Map::new(),
-                        identities: vec![Identity {
-                            kind: identity.0,
-                            address: identity.1,
-                        }],
+                        identities: Vec::new(),
                         recent: 0,
                         open_conversations: 0,
                         is_new: true,
@@ -594,6 +595,17 @@ async fn route_in(
         let Some(customer) = customers.get_mut(&customer_id) else {
             continue; // inserted just above or loaded
         };
+        for identity in identities {
+            if by_identity.contains_key(identity) {
+                continue;
+            }
+            by_identity.insert(identity.clone(), customer_id.clone());
+            new_identities.push((identity.0.clone(), identity.1.clone(), customer_id.clone()));
+            customer.identities.push(Identity {
+                kind: identity.0.clone(),
+                address: identity.1.clone(),
+            });
+        }
         customer.attributes = merged_attributes(std::mem::take(&mut customer.attributes), message);
         let conversation = conversations.entry(customer_id.clone()).or_insert_with(|| {
             customer.open_conversations += 1;
@@ -800,6 +812,31 @@ async fn route_in(
         insert.build().execute(&mut *connection).await?;
     }
     Ok(outcomes)
+}
+
+/// A message's identities, the sender first, then `metadata.identities` (`[{kind, address}]`),
+/// without repeats.
+fn identities_of(message: &NormalizedMessage) -> Vec<(String, String)> {
+    let mut identities = vec![(message.sender.kind.clone(), message.sender.address.clone())];
+    let listed = message
+        .metadata
+        .get("identities")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten();
+    for entry in listed {
+        let (Some(kind), Some(address)) = (
+            entry.get("kind").and_then(Value::as_str),
+            entry.get("address").and_then(Value::as_str),
+        ) else {
+            continue;
+        };
+        let identity = (kind.to_owned(), address.trim().to_owned());
+        if !identity.0.is_empty() && !identity.1.is_empty() && !identities.contains(&identity) {
+            identities.push(identity);
+        }
+    }
+    identities
 }
 
 /// Unix milliseconds → RFC 3339.

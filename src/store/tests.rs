@@ -297,3 +297,52 @@ async fn each_decision_sees_the_customers_latest_messages_on_every_channel() {
     let (_, seen) = route(&store, &[message("m-5", "visitor-2", "webchat")], 4_000).await;
     assert!(seen[0].history.is_empty());
 }
+
+#[tokio::test]
+async fn listed_identities_link_to_the_senders_customer_but_never_move() {
+    let (_dir, store) = store().await;
+    let listing = |id: &str, sender: &str, email: &str| {
+        let mut m = message(id, sender, "webchat");
+        m.metadata.insert(
+            "identities".into(),
+            json!([{"kind": "webchat", "address": sender}, {"kind": "email", "address": email}]),
+        );
+        m
+    };
+    // A new visitor with an email: one customer, both identities.
+    let (_, seen) = route(
+        &store,
+        &[listing("m-1", "visitor-a", "a@example.com")],
+        1_000,
+    )
+    .await;
+    let a = seen[0].customer.id.clone();
+    let found = store
+        .customer_by_identity("email", "a@example.com")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(found.id, a);
+    assert_eq!(found.identities.len(), 2);
+
+    // Another known visitor who types a's email: stays themself; the email stays with a.
+    let (_, seen) = route(&store, &[message("m-2", "visitor-b", "webchat")], 2_000).await;
+    let b = seen[0].customer.id.clone();
+    assert_ne!(a, b);
+    let (_, seen) = route(
+        &store,
+        &[listing("m-3", "visitor-b", "a@example.com")],
+        3_000,
+    )
+    .await;
+    assert_eq!(seen[0].customer.id, b);
+    let found = store
+        .customer_by_identity("email", "a@example.com")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        found.id, a,
+        "an identity never moves to another customer by itself"
+    );
+}
