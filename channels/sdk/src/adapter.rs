@@ -227,7 +227,7 @@ mod tests {
     #[test]
     fn recent_ids_evicts_oldest() {
         let mut recent = RecentIds::new(2);
-        let ids: Vec<Uuid> = (0..3).map(|i| Uuid::from_u128(i)).collect();
+        let ids: Vec<Uuid> = (0..3).map(Uuid::from_u128).collect();
         for id in &ids {
             recent.insert(*id);
         }

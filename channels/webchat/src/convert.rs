@@ -188,38 +188,13 @@ fn optional_string(
 }
 
 fn normalize_email(email: &str) -> Result<String, ConvertError> {
-    let email = email.trim().to_lowercase();
-    match email.split_once('@') {
-        Some((local, domain))
-            if !local.is_empty() && domain.contains('.') && !domain.contains('@') =>
-        {
-            Ok(email)
-        }
-        _ => Err(ConvertError::invalid(
-            "customer.email",
-            "is not an email address",
-        )),
-    }
+    switchboard_channel::identity::email(email, false)
+        .map_err(|e| ConvertError::invalid("customer.email", e.0))
 }
 
-/// Accepts `+` followed by 7–15 digits, ignoring spaces, dashes, dots and parentheses.
 fn normalize_phone(phone: &str) -> Result<String, ConvertError> {
-    let compact: String = phone
-        .chars()
-        .filter(|c| !matches!(c, ' ' | '-' | '.' | '(' | ')'))
-        .collect();
-    let digits = compact.strip_prefix('+').unwrap_or("");
-    if (7..=15).contains(&digits.len())
-        && digits.bytes().all(|b| b.is_ascii_digit())
-        && !digits.starts_with('0')
-    {
-        Ok(compact)
-    } else {
-        Err(ConvertError::invalid(
-            "customer.phone",
-            "must be an E.164 number such as +15551234567",
-        ))
-    }
+    switchboard_channel::identity::phone(phone)
+        .map_err(|e| ConvertError::invalid("customer.phone", e.0))
 }
 
 #[cfg(test)]

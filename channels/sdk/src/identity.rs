@@ -1,0 +1,138 @@
+//! Identity normalization, shared by every adapter so that the same person is the same key:
+//! an email typed as ` Dana@Example.COM ` and `dana@example.com`; a phone number from a web
+//! form, WhatsApp (`wa_id`, digits only), Twilio (`whatsapp:+1…` or `+1…`) and SMS all become
+//! the same E.164 `phone` identity.
+
+use std::fmt;
+
+/// Why an address is not an identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityError(pub &'static str);
+
+impl fmt::Display for IdentityError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl std::error::Error for IdentityError {}
+
+/// Lowercased and trimmed; with `fold_plus`, `dana+shop@example.com` becomes
+/// `dana@example.com` (off by default: not every mail system treats `+` as a tag).
+pub fn email(raw: &str, fold_plus: bool) -> Result<String, IdentityError> {
+    let email = raw.trim().to_lowercase();
+    let Some((local, domain)) = email.split_once('@') else {
+        return Err(IdentityError("is not an email address"));
+    };
+    if local.is_empty() || !domain.contains('.') || domain.contains('@') || email.contains(' ') {
+        return Err(IdentityError("is not an email address"));
+    }
+    let local = match local.split_once('+') {
+        Some((base, _)) if fold_plus && !base.is_empty() => base,
+        _ => local,
+    };
+    Ok(format!("{local}@{domain}"))
+}
+
+/// E.164 (`+` and 7–15 digits, no leading zero). Accepts separators (spaces, dashes, dots,
+/// parentheses), an international `00` prefix, and `whatsapp:`, `tel:` or `sms:` schemes.
+/// A number without `+` or `00` is national and cannot be placed: refused.
+pub fn phone(raw: &str) -> Result<String, IdentityError> {
+    let mut text = raw.trim();
+    for scheme in ["whatsapp:", "tel:", "sms:"] {
+        if let Some(rest) = text.strip_prefix(scheme) {
+            text = rest;
+        }
+    }
+    let compact: String = text
+        .chars()
+        .filter(|c| !matches!(c, ' ' | '-' | '.' | '(' | ')'))
+        .collect();
+    let digits = if let Some(digits) = compact.strip_prefix('+') {
+        digits
+    } else if let Some(digits) = compact.strip_prefix("00") {
+        digits
+    } else {
+        return Err(IdentityError(
+            "must be an international number such as +15551234567",
+        ));
+    };
+    e164(digits)
+}
+
+/// A number given as bare digits with its country code (WhatsApp's `wa_id`).
+pub fn phone_from_digits(raw: &str) -> Result<String, IdentityError> {
+    e164(raw.trim())
+}
+
+fn e164(digits: &str) -> Result<String, IdentityError> {
+    if (7..=15).contains(&digits.len())
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && !digits.starts_with('0')
+    {
+        Ok(format!("+{digits}"))
+    } else {
+        Err(IdentityError(
+            "must be an E.164 number such as +15551234567",
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emails_are_trimmed_and_lowercased_and_plus_folding_is_optional() {
+        assert_eq!(
+            email(" Dana@Example.COM ", false).unwrap(),
+            "dana@example.com"
+        );
+        assert_eq!(
+            email("Dana+Shop@example.com", false).unwrap(),
+            "dana+shop@example.com"
+        );
+        assert_eq!(
+            email("Dana+Shop@example.com", true).unwrap(),
+            "dana@example.com"
+        );
+        assert_eq!(email("+x@example.com", true).unwrap(), "+x@example.com");
+        for bad in [
+            "",
+            "dana",
+            "@example.com",
+            "dana@localhost",
+            "a@b@c.com",
+            "da na@x.com",
+        ] {
+            assert!(email(bad, false).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn every_shape_of_a_number_is_the_same_phone_identity() {
+        for shape in [
+            "+15551234567",
+            "+1 (555) 123-4567",
+            "+1.555.123.4567",
+            "0015551234567",
+            "whatsapp:+15551234567",
+            "tel:+1-555-123-4567",
+            " sms:+15551234567 ",
+        ] {
+            assert_eq!(phone(shape).unwrap(), "+15551234567", "{shape:?}");
+        }
+        assert_eq!(phone_from_digits("15551234567").unwrap(), "+15551234567");
+        for bad in [
+            "5551234567",
+            "+0123456789",
+            "+12",
+            "+1555123456789012",
+            "+1555abc4567",
+            "",
+        ] {
+            assert!(phone(bad).is_err(), "{bad:?}");
+        }
+        assert!(phone_from_digits("+15551234567").is_err(), "digits only");
+    }
+}
