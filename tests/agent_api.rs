@@ -9,17 +9,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::json;
 
-const QUEUES: &[&str] = &[
-    "general",
-    "billing",
-    "technical",
-    "support-es",
-    "support-fr",
-    "sales",
-    "vip",
-    "escalations",
-];
-
 on_both_buses!(
     claim_ack_and_lease_expiry,
     claim_api_refuses_bad_requests,
@@ -393,12 +382,7 @@ async fn customers_are_read_and_their_attributes_set_over_the_api() {
     let prefix = prefix("customers");
     let daemon = Daemon::start(DaemonConfig::on(Backend::Embedded, &prefix)).await;
     daemon.wait_ready().await;
-    let api = |method: reqwest::Method, path: &str| {
-        daemon
-            .http
-            .request(method, daemon.url(path))
-            .bearer_auth(ADMIN_TOKEN)
-    };
+    let api = |method: reqwest::Method, path: &str| daemon.api(method, path);
 
     let (status, _) = daemon
         .post("chat", &chat("m-1", "visitor-9", "I need a refund"))
@@ -549,13 +533,7 @@ async fn conversations_are_read_and_closed_over_the_api() {
     let prefix = prefix("conversations");
     let daemon = Daemon::start(DaemonConfig::on(Backend::Embedded, &prefix)).await;
     daemon.wait_ready().await;
-    let get = |path: String| {
-        daemon
-            .http
-            .get(daemon.url(&path))
-            .bearer_auth(ADMIN_TOKEN)
-            .send()
-    };
+    let get = |path: String| daemon.api(reqwest::Method::GET, &path).send();
 
     for (id, text) in [("m-1", "Hello, a question"), ("m-2", "and a second one")] {
         let (status, _) = daemon.post("chat", &chat(id, "visitor-5", text)).await;

@@ -9,17 +9,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::json;
 
-const QUEUES: &[&str] = &[
-    "general",
-    "billing",
-    "technical",
-    "support-es",
-    "support-fr",
-    "sales",
-    "vip",
-    "escalations",
-];
-
 on_both_buses!(
     messages_land_once_in_the_rule_queue_with_priority_by_urgency,
     a_retried_post_yields_exactly_one_assignment_even_across_a_restart,

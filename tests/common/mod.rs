@@ -73,6 +73,18 @@ pub enum Backend {
 
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 
+/// The agent queues of the shipped `routing-rules/`, in file order.
+pub const QUEUES: &[&str] = &[
+    "general",
+    "billing",
+    "technical",
+    "support-es",
+    "support-fr",
+    "sales",
+    "vip",
+    "escalations",
+];
+
 /// How a daemon is configured.
 pub struct DaemonConfig {
     pub backend: Backend,
@@ -292,6 +304,13 @@ impl Daemon {
 }
 
 impl Daemon {
+    /// A request to `/api/v1…` with the admin token.
+    pub fn api(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, self.url(path))
+            .bearer_auth(ADMIN_TOKEN)
+    }
+
     /// `POST /api/v1/queues/{queue}/claim`: `(status, body)`.
     pub async fn claim(&self, queue: &str, wait: f64, lease: f64) -> (u16, Value) {
         let response = self
