@@ -12,7 +12,8 @@ use backon::BackoffBuilder;
 use futures::{FutureExt, StreamExt};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    ConfirmSelectOptions, ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{
@@ -26,7 +27,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::{
-    Assignment, BusError, Delivery, Outcome, PendingCommit, REASON_HEADER, RouterLink, Topology,
+    Assignment, BusError, Delivery, Outcome, PARTITION_KEY_HEADER, PendingCommit, REASON_HEADER,
+    RouterLink, Topology,
 };
 use crate::config::BusConfig;
 
@@ -250,7 +252,13 @@ impl AmqpBus {
         let body = serde_json::to_vec(&event).map_err(|error| {
             PublishError::Rejected(format!("cannot encode the message: {error}"))
         })?;
-        let properties = event_properties(&event.id, event_type::MESSAGE_RECEIVED);
+        let mut headers = FieldTable::default();
+        headers.insert(
+            PARTITION_KEY_HEADER.into(),
+            AMQPValue::LongString(super::partition_key(&message.sender).as_str().into()),
+        );
+        let properties =
+            event_properties(&event.id, event_type::MESSAGE_RECEIVED).with_headers(headers);
         let request = |reply| PublishRequest {
             exchange: self.shared.topology.inbound(),
             routing_key: message.routing_key(),
@@ -401,13 +409,9 @@ async fn connect_and_declare(shared: &Shared) -> Result<Arc<Connection>, BusErro
     .map_err(|_| BusError::Disconnected)??;
     let channel = connection.create_channel().await?;
     let queues: Vec<String> = lock(&shared.agent_queues).iter().cloned().collect();
-    let mut channel = declare_topology(
-        &connection,
-        &channel,
-        &shared.topology,
-        shared.config.delivery_limit,
-    )
-    .await?;
+    let mut channel = declare_topology(&connection, &channel, &shared.topology, &shared.config)
+        .await
+        .map_err(|error| explain_missing_plugin(error, shared.config.partitions))?;
     for queue in &queues {
         channel = declare_agent_queue(&connection, channel, &shared.topology, queue).await?;
     }
@@ -435,7 +439,7 @@ async fn declare_topology(
     connection: &Connection,
     channel: &Channel,
     topology: &Topology,
-    delivery_limit: u32,
+    config: &BusConfig,
 ) -> Result<Channel, BusError> {
     let none = FieldTable::default;
     for (name, kind) in [
@@ -462,6 +466,10 @@ async fn declare_topology(
             none(),
         )
         .await?;
+    if config.partitions > 0 {
+        declare_partitions(channel, topology, config.partitions).await?;
+        return Ok(channel.clone());
+    }
     let mut router_args = FieldTable::default();
     router_args.insert(
         "x-queue-type".into(),
@@ -473,7 +481,7 @@ async fn declare_topology(
     );
     router_args.insert(
         "x-delivery-limit".into(),
-        AMQPValue::LongInt(i32::try_from(delivery_limit).unwrap_or(i32::MAX)),
+        AMQPValue::LongInt(i32::try_from(config.delivery_limit).unwrap_or(i32::MAX)),
     );
     let declared = channel
         .queue_declare(
@@ -515,6 +523,83 @@ async fn declare_topology(
             .await?;
     }
     Ok(channel)
+}
+
+/// The partitioned router input: `<p>.inbound` and `<p>.expired` feed the consistent-hash
+/// exchange `<p>.partition`, which hashes each message's sender key (header
+/// [`PARTITION_KEY_HEADER`]) onto `<p>.router.0` … `<p>.router.<n-1>`, each with one
+/// active consumer at a time.
+///
+/// The partitions are classic durable queues, not quorum queues: measured on RabbitMQ 3.10, a
+/// quorum queue with a single active consumer gives the next consumer the *following*
+/// messages before the ones the previous consumer held when it closed its channel cleanly
+/// (a shutdown, a rebalance), which would reorder a customer's messages; a classic queue
+/// returns them in place. Poison messages are dead-lettered by the router itself.
+async fn declare_partitions(
+    channel: &Channel,
+    topology: &Topology,
+    partitions: u16,
+) -> Result<(), BusError> {
+    let mut exchange_args = FieldTable::default();
+    exchange_args.insert(
+        "hash-header".into(),
+        AMQPValue::LongString(PARTITION_KEY_HEADER.into()),
+    );
+    channel
+        .exchange_declare(
+            topology.partition().as_str().into(),
+            ExchangeKind::Custom("x-consistent-hash".to_owned()),
+            durable(),
+            exchange_args,
+        )
+        .await?;
+    for (source, key) in [(topology.inbound(), "#"), (topology.expired(), "")] {
+        channel
+            .exchange_bind(
+                topology.partition().as_str().into(),
+                source.as_str().into(),
+                key.into(),
+                ExchangeBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    for n in 0..partitions {
+        let name = topology.router_partition(n);
+        let mut args = FieldTable::default();
+        args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(topology.dlx().as_str().into()),
+        );
+        channel
+            .queue_declare(name.as_str().into(), durable_queue(), args)
+            .await?;
+        // Equal weights: the binding key of a consistent-hash exchange is the weight.
+        channel
+            .queue_bind(
+                name.as_str().into(),
+                topology.partition().as_str().into(),
+                "1".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+/// A partitioned topology needs RabbitMQ's consistent-hash exchange plugin; say so.
+fn explain_missing_plugin(error: BusError, partitions: u16) -> BusError {
+    let text = error.to_string();
+    if partitions > 0 && (text.contains("x-consistent-hash") || text.contains("COMMAND_INVALID")) {
+        BusError::Setup(format!(
+            "[bus] partitions needs RabbitMQ's consistent-hash exchange: run \
+             `rabbitmq-plugins enable rabbitmq_consistent_hash_exchange` ({text})"
+        ))
+    } else {
+        error
+    }
 }
 
 /// Declares one agent queue and binds it to `<p>.assign`. Returns the channel to go on with
@@ -697,24 +782,80 @@ async fn open_confirm_channel(
     Ok(channel)
 }
 
-/// The router's link: one channel in transaction mode that consumes `<p>.router` and publishes
-/// assignments, so `tx.commit` makes "publish the assignments + ack the inputs" one step.
+/// The router's link. Each router input queue (`<p>.router`, or every partition
+/// `<p>.router.<n>`) is consumed on a channel of its own in transaction mode, which also
+/// publishes the assignments of that queue's messages: `tx.commit` makes "publish the
+/// assignments + ack the inputs" one step per queue.
+///
+/// With partitions, every node consumes every partition and the broker makes one consumer per
+/// partition active. A node that serves more than its share (partitions / nodes consuming)
+/// hands some back by closing their channels between batches — nothing of theirs is in flight
+/// then, so the next node starts exactly where this one stopped — and re-subscribes as a
+/// standby.
 pub struct AmqpRouterLink {
     shared: Arc<Shared>,
     session: Option<Session>,
 }
 
+/// How often a partitioned router compares its share of active partitions with the others'.
+const REBALANCE_EVERY: Duration = Duration::from_secs(3);
+/// A partition that delivered within this long counts as active on this node.
+const ACTIVE_WITHIN: Duration = Duration::from_secs(6);
+/// Delivery tags carry the input's slot in their top bits.
+const SLOT_SHIFT: u32 = 48;
+
 struct Session {
-    channel: Channel,
-    consumer: Consumer,
+    inputs: Vec<Input>,
     /// Bodies of the deliveries in hand, for dead-lettering.
     bodies: HashMap<u64, Vec<u8>>,
+    /// Where the next `ready` scan starts, so no input starves the others.
+    cursor: usize,
+    last_rebalance: std::time::Instant,
+}
+
+/// One consumed router queue and its transactional channel.
+struct Input {
+    queue: String,
+    channel: Channel,
+    consumer: Consumer,
+    last_delivery: Option<std::time::Instant>,
+}
+
+impl Input {
+    async fn open(
+        shared: &Shared,
+        connection: &Connection,
+        queue: String,
+    ) -> Result<Self, BusError> {
+        let channel = connection.create_channel().await?;
+        channel
+            .basic_qos(shared.config.prefetch, BasicQosOptions::default())
+            .await?;
+        channel.tx_select().await?;
+        let consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                "switchboard-router".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(Self {
+            queue,
+            channel,
+            consumer,
+            last_delivery: None,
+        })
+    }
 }
 
 impl Session {
-    fn take(&mut self, delivery: lapin::message::Delivery) -> Delivery {
-        self.bodies
-            .insert(delivery.delivery_tag, delivery.data.clone());
+    fn take(&mut self, slot: usize, delivery: lapin::message::Delivery) -> Delivery {
+        let tag = ((slot as u64) << SLOT_SHIFT) | delivery.delivery_tag;
+        if let Some(input) = self.inputs.get_mut(slot) {
+            input.last_delivery = Some(std::time::Instant::now());
+        }
+        self.bodies.insert(tag, delivery.data.clone());
         let death_reason = delivery
             .properties
             .headers()
@@ -726,28 +867,49 @@ impl Session {
                 _ => None,
             });
         Delivery {
-            tag: delivery.delivery_tag,
+            tag,
             body: delivery.data,
             redelivered: delivery.redelivered,
             death_reason,
         }
     }
 
-    /// Deliveries the consumer already holds, without waiting.
+    /// Deliveries the consumers already hold, without waiting, taken round the inputs.
     fn ready(&mut self, max: usize) -> Result<Vec<Delivery>, BusError> {
         let mut batch = Vec::new();
-        while batch.len() < max {
-            match self.consumer.next().now_or_never() {
+        let count = self.inputs.len();
+        let mut idle = 0;
+        while batch.len() < max && idle < count {
+            let slot = self.cursor % count;
+            self.cursor = self.cursor.wrapping_add(1);
+            match self.inputs[slot].consumer.next().now_or_never() {
                 Some(Some(delivery)) => {
-                    let delivery = self.take(delivery?);
+                    idle = 0;
+                    let delivery = self.take(slot, delivery?);
                     batch.push(delivery);
                 }
                 Some(None) => return Err(BusError::Disconnected),
-                None => break,
+                None => idle += 1,
             }
         }
         Ok(batch)
     }
+
+    /// Waits for the next delivery on any input.
+    async fn next(&mut self) -> Result<Delivery, BusError> {
+        let (delivery, slot, _) =
+            futures::future::select_all(self.inputs.iter_mut().map(|input| input.consumer.next()))
+                .await;
+        let delivery = delivery.ok_or(BusError::Disconnected)??;
+        Ok(self.take(slot, delivery))
+    }
+}
+
+fn split_tag(tag: u64) -> (usize, u64) {
+    (
+        usize::try_from(tag >> SLOT_SHIFT).unwrap_or(usize::MAX),
+        tag & ((1 << SLOT_SHIFT) - 1),
+    )
 }
 
 impl AmqpRouterLink {
@@ -758,42 +920,112 @@ impl AmqpRouterLink {
                 tokio::time::timeout(Duration::from_secs(1), self.shared.connected(&never))
                     .await
                     .map_err(|_| BusError::Disconnected)??;
-            let channel = connection.create_channel().await?;
-            channel
-                .basic_qos(self.shared.config.prefetch, BasicQosOptions::default())
-                .await?;
-            channel.tx_select().await?;
-            let consumer = channel
-                .basic_consume(
-                    self.shared.topology.router().as_str().into(),
-                    "switchboard-router".into(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
-            info!(queue = %self.shared.topology.router(), "Router consuming.");
+            let mut inputs = Vec::new();
+            for queue in self.input_queues() {
+                inputs.push(Input::open(&self.shared, &connection, queue).await?);
+            }
+            info!(queues = inputs.len(), first = %inputs[0].queue, "Router consuming.");
             self.session = Some(Session {
-                channel,
-                consumer,
+                inputs,
                 bodies: HashMap::new(),
+                cursor: 0,
+                last_rebalance: std::time::Instant::now(),
             });
         }
         self.session.as_mut().ok_or(BusError::Disconnected)
+    }
+
+    fn input_queues(&self) -> Vec<String> {
+        let topology = &self.shared.topology;
+        match self.shared.config.partitions {
+            0 => vec![topology.router()],
+            n => (0..n).map(|p| topology.router_partition(p)).collect(),
+        }
+    }
+
+    /// Hands back partitions beyond this node's share. Called only between batches, when
+    /// nothing taken from any input is uncommitted.
+    async fn rebalance(&mut self) -> Result<(), BusError> {
+        let Some(session) = self.session.as_mut() else {
+            return Ok(());
+        };
+        if session.inputs.len() < 2 || session.last_rebalance.elapsed() < REBALANCE_EVERY {
+            return Ok(());
+        }
+        session.last_rebalance = std::time::Instant::now();
+        let connection = self.shared.current().ok_or(BusError::Disconnected)?;
+        let probe = connection.create_channel().await?;
+        let mut nodes = 1u32;
+        for input in &session.inputs {
+            let declared = probe
+                .queue_declare(
+                    input.queue.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await?;
+            nodes = nodes.max(declared.consumer_count());
+        }
+        let _ = probe.close(200, "counted".into()).await;
+        let total = session.inputs.len();
+        let share = total.div_ceil(nodes as usize);
+        let active: Vec<usize> = (0..total)
+            .filter(|&slot| {
+                session.inputs[slot]
+                    .last_delivery
+                    .is_some_and(|at| at.elapsed() < ACTIVE_WITHIN)
+            })
+            .collect();
+        if active.len() <= share {
+            return Ok(());
+        }
+        let yielded: Vec<usize> = active[share..].to_vec();
+        for &slot in &yielded {
+            let queue = session.inputs[slot].queue.clone();
+            // Closing the channel returns what its consumer prefetched to the queue, in place,
+            // and makes the next node's consumer the active one.
+            let _ = session.inputs[slot]
+                .channel
+                .close(200, "handing the partition to another node".into())
+                .await;
+            session.inputs[slot] = Input::open(&self.shared, &connection, queue).await?;
+        }
+        info!(
+            nodes,
+            share,
+            handed_back = yielded.len(),
+            "Router handed partitions to other nodes."
+        );
+        metrics::counter!("switchboard_router_partitions_handed_back_total")
+            .increment(yielded.len() as u64);
+        Ok(())
     }
 }
 
 #[async_trait]
 impl RouterLink for AmqpRouterLink {
     async fn next_batch(&mut self, max: usize) -> Result<Vec<Delivery>, BusError> {
-        let session = self.session().await?;
-        let first = session
-            .consumer
-            .next()
-            .await
-            .ok_or(BusError::Disconnected)??;
-        let mut batch = vec![session.take(first)];
-        batch.extend(session.ready(max.saturating_sub(1))?);
-        Ok(batch)
+        loop {
+            self.session().await?;
+            self.rebalance().await?;
+            let session = self.session().await?;
+            let first = if session.inputs.len() > 1 {
+                // Wake up for the next rebalance even when nothing arrives.
+                let wait = REBALANCE_EVERY.saturating_sub(session.last_rebalance.elapsed());
+                match tokio::time::timeout(wait, session.next()).await {
+                    Ok(delivery) => delivery?,
+                    Err(_) => continue,
+                }
+            } else {
+                session.next().await?
+            };
+            let mut batch = vec![first];
+            batch.extend(session.ready(max.saturating_sub(1))?);
+            return Ok(batch);
+        }
     }
 
     async fn ready_batch(&mut self, max: usize) -> Result<Vec<Delivery>, BusError> {
@@ -806,15 +1038,18 @@ impl RouterLink for AmqpRouterLink {
     async fn commit(&mut self, outcomes: Vec<(u64, Outcome)>) -> Result<PendingCommit, BusError> {
         let topology = self.shared.topology.clone();
         let session = self.session().await?;
+        let mut last_tag: HashMap<usize, u64> = HashMap::new();
         for (tag, outcome) in &outcomes {
+            let (slot, delivery_tag) = split_tag(*tag);
+            let input = session.inputs.get(slot).ok_or(BusError::Disconnected)?;
+            let channel = &input.channel;
             match outcome {
                 Outcome::Assign(assignment) => {
-                    publish_assignment(&session.channel, &topology, assignment).await?;
+                    publish_assignment(channel, &topology, assignment).await?;
                 }
                 Outcome::Escalate { assignment, event } => {
-                    publish_assignment(&session.channel, &topology, assignment).await?;
-                    session
-                        .channel
+                    publish_assignment(channel, &topology, assignment).await?;
+                    channel
                         .basic_publish(
                             topology.events().as_str().into(),
                             event.key.as_str().into(),
@@ -833,13 +1068,12 @@ impl RouterLink for AmqpRouterLink {
                     );
                     headers.insert(
                         "x-switchboard-queue".into(),
-                        AMQPValue::LongString(topology.router().as_str().into()),
+                        AMQPValue::LongString(input.queue.as_str().into()),
                     );
                     let properties = BasicProperties::default()
                         .with_delivery_mode(2)
                         .with_headers(headers);
-                    session
-                        .channel
+                    channel
                         .basic_publish(
                             topology.dlx().as_str().into(),
                             "".into(),
@@ -851,25 +1085,38 @@ impl RouterLink for AmqpRouterLink {
                 }
                 Outcome::Ack => {}
             }
+            let last = last_tag.entry(slot).or_default();
+            *last = (*last).max(delivery_tag);
         }
-        // A batch is a run of consecutive deliveries, each with an outcome: one cumulative ack
-        // covers it (and nothing beyond it, as later deliveries carry higher tags).
-        if let Some(last) = outcomes.iter().map(|(tag, _)| *tag).max() {
-            session
-                .channel
+        // Per input, the batch holds a run of consecutive deliveries, each with an outcome: one
+        // cumulative ack covers it (and nothing beyond it, as later deliveries carry higher
+        // tags).
+        let mut channels = Vec::with_capacity(last_tag.len());
+        for (slot, last) in last_tag {
+            let channel = session.inputs[slot].channel.clone();
+            channel
                 .basic_ack(last, BasicAckOptions { multiple: true })
                 .await?;
+            channels.push(channel);
         }
         for (tag, _) in &outcomes {
             session.bodies.remove(tag);
         }
-        let channel = session.channel.clone();
-        Ok(Box::pin(async move { Ok(channel.tx_commit().await?) }))
+        Ok(Box::pin(async move {
+            for result in
+                futures::future::join_all(channels.iter().map(|channel| channel.tx_commit())).await
+            {
+                result?;
+            }
+            Ok(())
+        }))
     }
 
     async fn reset(&mut self) -> Result<(), BusError> {
         if let Some(session) = self.session.take() {
-            let _ = session.channel.close(200, "router reset".into()).await;
+            for input in session.inputs {
+                let _ = input.channel.close(200, "router reset".into()).await;
+            }
         }
         Ok(())
     }
@@ -882,8 +1129,14 @@ async fn publish_assignment(
     topology: &Topology,
     assignment: &Assignment,
 ) -> Result<(), BusError> {
+    let mut headers = FieldTable::default();
+    headers.insert(
+        PARTITION_KEY_HEADER.into(),
+        AMQPValue::LongString(assignment.key.as_str().into()),
+    );
     let mut properties = event_properties(&assignment.event_id, event_type::CONVERSATION_ASSIGNED)
-        .with_priority(assignment.priority);
+        .with_priority(assignment.priority)
+        .with_headers(headers);
     if let Some(ms) = assignment.expires_ms {
         properties = properties.with_expiration(ms.max(1).to_string().into());
     }

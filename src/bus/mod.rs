@@ -26,6 +26,14 @@ impl Topology {
     pub fn router(&self) -> String {
         format!("{}.router", self.prefix)
     }
+    /// Partition `n` of the router input (`[bus] partitions` > 0).
+    pub fn router_partition(&self, n: u16) -> String {
+        format!("{}.router.{n}", self.prefix)
+    }
+    /// The consistent-hash exchange that splits the router input into partitions.
+    pub fn partition(&self) -> String {
+        format!("{}.partition", self.prefix)
+    }
     pub fn assign(&self) -> String {
         format!("{}.assign", self.prefix)
     }
@@ -53,6 +61,15 @@ impl Topology {
 /// Routing key of `switchboard.conversation.escalated` on `<p>.events`.
 pub const ESCALATED_KEY: &str = "conversation.escalated";
 
+/// Header the partition exchange hashes: the sender identity of an inbound message, and of
+/// the message an assignment carries. One sender's messages land in one partition.
+pub const PARTITION_KEY_HEADER: &str = "x-switchboard-key";
+
+/// The partition key of a sender: `kind:address`.
+pub fn partition_key(sender: &switchboard_channel::Sender) -> String {
+    format!("{}:{}", sender.kind, sender.address)
+}
+
 /// Header naming why a message was dead-lettered by Switchboard.
 pub const REASON_HEADER: &str = "x-switchboard-reason";
 
@@ -64,6 +81,8 @@ pub enum BusError {
     Amqp(#[from] lapin::Error),
     #[error("the bus is shutting down")]
     Closed,
+    #[error("{0}")]
+    Setup(String),
     #[error("embedded bus store error: {0}")]
     Store(String),
 }
@@ -107,6 +126,9 @@ pub struct Assignment {
     /// The queue's SLA: past this wait in the queue the bus hands the assignment back to the
     /// router (AMQP per-message TTL dead-lettered to `<p>.expired`), which overflows it.
     pub expires_ms: Option<u64>,
+    /// Partition key (the message sender's, see [`partition_key`]) for when the assignment
+    /// comes back to the router.
+    pub key: String,
 }
 
 /// A lifecycle event for `<p>.events`.

@@ -30,6 +30,9 @@ pub struct Config {
     pub channels: Vec<ChannelConfig>,
 }
 
+/// Most router partitions `[bus] partitions` may ask for.
+pub const MAX_PARTITIONS: u16 = 256;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct BusConfig {
@@ -45,6 +48,10 @@ pub struct BusConfig {
     pub confirm_timeout: Duration,
     /// Deliveries of one router message before it is dead-lettered as poison.
     pub delivery_limit: u32,
+    /// 0: one router queue `<p>.router`. N > 0: the router input is split by customer key
+    /// through a consistent-hash exchange into `<p>.router.0` … `<p>.router.<N-1>`, each with a
+    /// single active consumer, so several `switchboard run` processes share the work.
+    pub partitions: u16,
 }
 
 impl Default for BusConfig {
@@ -55,6 +62,7 @@ impl Default for BusConfig {
             prefetch: 256,
             confirm_timeout: Duration::from_secs(5),
             delivery_limit: 20,
+            partitions: 0,
         }
     }
 }
@@ -212,6 +220,19 @@ impl Config {
             problems.push((
                 "bus.delivery_limit".to_owned(),
                 "must be at least 1".to_owned(),
+            ));
+        }
+        if self.bus.partitions > MAX_PARTITIONS {
+            problems.push((
+                "bus.partitions".to_owned(),
+                format!("must be at most {MAX_PARTITIONS}"),
+            ));
+        }
+        if self.bus.url.is_none() && self.bus.partitions > 0 {
+            problems.push((
+                "bus.partitions".to_owned(),
+                "needs [bus] url: partitions are RabbitMQ queues shared by several nodes"
+                    .to_owned(),
             ));
         }
         if self.bus.url.is_none() && !self.store.url.starts_with("sqlite:") {

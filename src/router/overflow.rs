@@ -77,6 +77,12 @@ fn overflow(
         .to_owned();
     let conversation_id = str_field(&data, "conversation_id");
     let customer_id = str_field(&data, "customer_id");
+    let key = data
+        .get("message")
+        .and_then(|m| m.get("sender"))
+        .and_then(|s| serde_json::from_value::<switchboard_channel::Sender>(s.clone()).ok())
+        .map(|sender| crate::bus::partition_key(&sender))
+        .unwrap_or_else(|| customer_id.clone());
     let urgency = data.get("urgency").and_then(Value::as_u64).unwrap_or(0);
 
     let step_to = rules
@@ -100,6 +106,7 @@ fn overflow(
             event_id: event.id,
             body,
             expires_ms: None,
+            key,
         }));
     };
 
@@ -182,6 +189,7 @@ fn overflow(
             priority,
             event_id,
             body,
+            key,
         },
         event: Event {
             key: ESCALATED_KEY.to_owned(),

@@ -341,6 +341,7 @@ impl Router {
                         priority,
                         event_id: assignment_event_id(message),
                         body,
+                        key: crate::bus::partition_key(&message.sender),
                     })
                 }
                 None => Outcome::Ack,

@@ -94,6 +94,10 @@ pub struct DaemonConfig {
     pub channels: String,
     pub extra: String,
     pub env: Vec<(String, String)>,
+    /// `[store] url`; default: an SQLite file in the daemon's directory.
+    pub store_url: Option<String>,
+    /// Extra keys of the `[bus]` section (e.g. `partitions = 4`).
+    pub bus_extra: String,
 }
 
 impl DaemonConfig {
@@ -110,6 +114,8 @@ impl DaemonConfig {
             channels: "[[channels]]\nid = \"chat\"\nkind = \"webchat\"\n".to_owned(),
             extra: String::new(),
             env: Vec::new(),
+            store_url: None,
+            bus_extra: String::new(),
         }
     }
 }
@@ -137,9 +143,13 @@ impl Daemon {
             Backend::Embedded => String::new(),
         };
         let text = format!(
-            "[bus]\n{url}prefix = \"{}\"\nconfirm_timeout = \"2s\"\n\n[store]\nurl = \"sqlite://{}\"\n\n[http]\nlisten = \"127.0.0.1:{port}\"\nadmin_token = \"{ADMIN_TOKEN}\"\n\n[routing]\nrules = \"{}\"\n\n[daemon]\nshutdown_timeout = \"5s\"\n\n{}\n{}\n",
+            "[bus]\n{url}prefix = \"{}\"\nconfirm_timeout = \"2s\"\n{}\n\n[store]\nurl = \"{}\"\n\n[http]\nlisten = \"127.0.0.1:{port}\"\nadmin_token = \"{ADMIN_TOKEN}\"\n\n[routing]\nrules = \"{}\"\n\n[daemon]\nshutdown_timeout = \"5s\"\n\n{}\n{}\n",
             config.prefix,
-            dir.path().join("switchboard.db").display(),
+            config.bus_extra,
+            config.store_url.clone().unwrap_or_else(|| format!(
+                "sqlite://{}",
+                dir.path().join("switchboard.db").display()
+            )),
             config.rules.display(),
             config.extra,
             config.channels,
