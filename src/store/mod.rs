@@ -2,6 +2,7 @@
 //! One trait, [`Store`], with an SQLite implementation; PostgreSQL implements the same trait
 //! for several nodes.
 
+mod batch;
 mod sqlite;
 
 use async_trait::async_trait;
