@@ -213,23 +213,13 @@ pub async fn open(
                 .with_history(history),
         ))
     } else {
-        Err(StoreError::Unsupported(redacted(url)))
+        Err(StoreError::Unsupported(crate::telemetry::redact_url(url)))
     }
 }
 
 /// Whether `url` names a PostgreSQL store (`postgres://…` or `postgresql://…`).
 pub fn is_postgres(url: &str) -> bool {
     url.starts_with("postgres://") || url.starts_with("postgresql://")
-}
-
-/// `url` without its user and password, for logs and errors.
-pub fn redacted(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}://…@{}", &url[..scheme], &url[at + 1..])
-        }
-        _ => url.to_owned(),
-    }
 }
 
 /// The file of an `sqlite:` URL (`sqlite://data/x.db`, `sqlite:///abs/x.db`, `sqlite:x.db`).

@@ -56,7 +56,7 @@ impl PgStore {
     /// advisory lock).
     pub async fn open(url: &str) -> Result<Self, StoreError> {
         let open_error = |source| StoreError::Open {
-            url: super::redacted(url),
+            url: crate::telemetry::redact_url(url),
             source,
         };
         let options = PgConnectOptions::from_str(url).map_err(open_error)?;
