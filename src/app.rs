@@ -24,6 +24,7 @@ use crate::reload::Reloader;
 use crate::router::rules::RuleSet;
 use crate::router::service::Router;
 use crate::store::{self, SqliteStore, Store};
+use crate::telemetry::redact_url;
 
 /// Runs the daemon until a termination signal.
 pub async fn run(loaded: Loaded, rules_override: Option<PathBuf>) -> anyhow::Result<()> {
@@ -58,7 +59,7 @@ pub async fn run(loaded: Loaded, rules_override: Option<PathBuf>) -> anyhow::Res
                 config.routing.history,
             )
             .await
-            .with_context(|| format!("opening the store {}", config.store.url))?;
+            .with_context(|| format!("opening the store {}", redact_url(&config.store.url)))?;
             let bus = AmqpBus::start(
                 &url,
                 &config.bus,
@@ -66,7 +67,7 @@ pub async fn run(loaded: Loaded, rules_override: Option<PathBuf>) -> anyhow::Res
                 &bus_tasks,
                 bus_cancel.clone(),
             );
-            info!(broker = %redact(&url), prefix = %config.bus.prefix, store = %config.store.url, "Mode: RabbitMQ bus.");
+            info!(broker = %redact_url(&url), prefix = %config.bus.prefix, store = %redact_url(&config.store.url), "Mode: RabbitMQ bus.");
             (store, Bus::Amqp(bus))
         }
         None => {
@@ -197,14 +198,20 @@ pub async fn run(loaded: Loaded, rules_override: Option<PathBuf>) -> anyhow::Res
     Ok(())
 }
 
-/// The API token of a zero-config start: read from, or created in, `admin-token` beside the
-/// database (mode 0600), so it survives restarts.
+/// The API token of a zero-config start: read from, or created in, `admin-token` (mode 0600)
+/// beside the SQLite database, or with a PostgreSQL store in `$STATE_DIRECTORY` or else the
+/// working directory, so it survives restarts.
 fn admin_token_file(store_url: &str) -> anyhow::Result<String> {
-    let database = store::sqlite_path(store_url).context("locating the data directory")?;
-    let path = database.parent().map_or_else(
-        || PathBuf::from("admin-token"),
-        |dir| dir.join("admin-token"),
-    );
+    let dir = if store::is_postgres(store_url) {
+        std::env::var("STATE_DIRECTORY")
+            .ok()
+            .and_then(|state| state.split(':').next().map(PathBuf::from))
+            .unwrap_or_default()
+    } else {
+        let database = store::sqlite_path(store_url).context("locating the data directory")?;
+        database.parent().map(PathBuf::from).unwrap_or_default()
+    };
+    let path = dir.join("admin-token");
     if let Ok(token) = std::fs::read_to_string(&path) {
         let token = token.trim().to_owned();
         if token.len() >= 16 {
@@ -229,16 +236,6 @@ fn admin_token_file(store_url: &str) -> anyhow::Result<String> {
     let shown = std::fs::canonicalize(&path).unwrap_or(path);
     info!(path = %shown.display(), "API token created (Authorization: Bearer <token>).");
     Ok(token)
-}
-
-/// A URL without its password, for logs.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}://…@{}", &url[..scheme], &url[at + 1..])
-        }
-        _ => url.to_owned(),
-    }
 }
 
 /// Serves signals until SIGTERM or SIGINT; SIGHUP reloads the rules.

@@ -9,7 +9,8 @@
 //! - [`channels`]: the closed registry of channel adapters (crates under `channels/`).
 //! - [`bus`]: AMQP topology, the confirmed publisher adapters use, the router's transactional
 //!   link.
-//! - [`store`]: customers, identities, conversations, messages, decisions (SQLite).
+//! - [`store`]: customers, identities, conversations, messages, decisions (SQLite or
+//!   PostgreSQL).
 //! - [`router`]: rule sets, the pure decision, rule tests, the routing service.
 //! - [`http`]: webhooks, health, metrics, the agent/admin API.
 //! - [`reload`]: rule reloads on SIGHUP and on file changes; the last refused reload.

@@ -77,3 +77,13 @@ fn describe() {
         "Rule set reloads refused (the old set keeps routing)."
     );
 }
+
+/// A URL without its user and password, for logs and errors.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://…@{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}

@@ -819,6 +819,10 @@ struct Input {
     channel: Channel,
     consumer: Consumer,
     last_delivery: Option<std::time::Instant>,
+    /// Set while the input is being handed to another node: nothing more is taken from it,
+    /// and once its last batch committed its channel is closed (the flag turns true) and it is
+    /// consumed again as a standby.
+    handing_back: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Input {
@@ -845,6 +849,7 @@ impl Input {
             channel,
             consumer,
             last_delivery: None,
+            handing_back: None,
         })
     }
 }
@@ -882,6 +887,10 @@ impl Session {
         while batch.len() < max && idle < count {
             let slot = self.cursor % count;
             self.cursor = self.cursor.wrapping_add(1);
+            if self.inputs[slot].handing_back.is_some() {
+                idle += 1;
+                continue;
+            }
             match self.inputs[slot].consumer.next().now_or_never() {
                 Some(Some(delivery)) => {
                     idle = 0;
@@ -935,6 +944,28 @@ impl AmqpRouterLink {
         self.session.as_mut().ok_or(BusError::Disconnected)
     }
 
+    /// Consumes again, as a standby, every input whose channel was closed to hand it back.
+    /// Closing the channel returned what its consumer held to the queue, in place, and made the
+    /// next node's consumer the active one.
+    async fn reopen_handed_back(&mut self) -> Result<(), BusError> {
+        let Some(session) = self.session.as_mut() else {
+            return Ok(());
+        };
+        for slot in 0..session.inputs.len() {
+            let closed = session.inputs[slot]
+                .handing_back
+                .as_ref()
+                .is_some_and(|closed| closed.load(std::sync::atomic::Ordering::SeqCst));
+            if closed {
+                let connection = self.shared.current().ok_or(BusError::Disconnected)?;
+                let queue = session.inputs[slot].queue.clone();
+                session.inputs[slot] = Input::open(&self.shared, &connection, queue).await?;
+                metrics::counter!("switchboard_router_partitions_handed_back_total").increment(1);
+            }
+        }
+        Ok(())
+    }
+
     fn input_queues(&self) -> Vec<String> {
         let topology = &self.shared.topology;
         match self.shared.config.partitions {
@@ -943,9 +974,10 @@ impl AmqpRouterLink {
         }
     }
 
-    /// Hands back partitions beyond this node's share. Called only between batches, when
-    /// nothing taken from any input is uncommitted.
+    /// Marks partitions beyond this node's share to be handed back: nothing more is taken from
+    /// them, and [`RouterLink::commit`] closes their channels once what was taken committed.
     async fn rebalance(&mut self) -> Result<(), BusError> {
+        self.reopen_handed_back().await?;
         let Some(session) = self.session.as_mut() else {
             return Ok(());
         };
@@ -984,20 +1016,13 @@ impl AmqpRouterLink {
         }
         let yielded: Vec<usize> = active[share..].to_vec();
         for &slot in &yielded {
-            let queue = session.inputs[slot].queue.clone();
-            // Closing the channel returns what its consumer prefetched to the queue, in place,
-            // and makes the next node's consumer the active one.
-            let _ = session.inputs[slot]
-                .channel
-                .close(200, "handing the partition to another node".into())
-                .await;
-            session.inputs[slot] = Input::open(&self.shared, &connection, queue).await?;
+            session.inputs[slot].handing_back = Some(Arc::default());
         }
         info!(
             nodes,
             share,
-            handed_back = yielded.len(),
-            "Router handed partitions to other nodes."
+            handing_back = yielded.len(),
+            "Router hands partitions to other nodes."
         );
         metrics::counter!("switchboard_router_partitions_handed_back_total")
             .increment(yielded.len() as u64);
@@ -1011,6 +1036,19 @@ impl RouterLink for AmqpRouterLink {
         loop {
             self.session().await?;
             self.rebalance().await?;
+            // Between batches nothing taken is uncommitted: hand back at once.
+            let session = self.session().await?;
+            for input in &session.inputs {
+                if let Some(closed) = &input.handing_back
+                    && !closed.swap(true, std::sync::atomic::Ordering::SeqCst)
+                {
+                    let _ = input
+                        .channel
+                        .close(200, "handing the partition to another node".into())
+                        .await;
+                }
+            }
+            self.reopen_handed_back().await?;
             let session = self.session().await?;
             let first = if session.inputs.len() > 1 {
                 // Wake up for the next rebalance even when nothing arrives.
@@ -1036,6 +1074,8 @@ impl RouterLink for AmqpRouterLink {
     }
 
     async fn commit(&mut self, outcomes: Vec<(u64, Outcome)>) -> Result<PendingCommit, BusError> {
+        // The previous commit completed: what was taken before this batch is settled.
+        self.rebalance().await?;
         let topology = self.shared.topology.clone();
         let session = self.session().await?;
         let mut last_tag: HashMap<usize, u64> = HashMap::new();
@@ -1102,11 +1142,24 @@ impl RouterLink for AmqpRouterLink {
         for (tag, _) in &outcomes {
             session.bodies.remove(tag);
         }
+        let handing_back: Vec<(Channel, Arc<std::sync::atomic::AtomicBool>)> = session
+            .inputs
+            .iter()
+            .filter_map(|input| Some((input.channel.clone(), input.handing_back.clone()?)))
+            .collect();
         Ok(Box::pin(async move {
             for result in
                 futures::future::join_all(channels.iter().map(|channel| channel.tx_commit())).await
             {
                 result?;
+            }
+            // Nothing is taken from these any more and this batch's part of them committed.
+            for (channel, closed) in handing_back {
+                if !closed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    let _ = channel
+                        .close(200, "handing the partition to another node".into())
+                        .await;
+                }
             }
             Ok(())
         }))

@@ -70,8 +70,10 @@ impl Default for BusConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct StoreConfig {
-    /// `sqlite://PATH` (created if missing); `postgres://…` is refused until the PostgreSQL
-    /// store exists.
+    /// `sqlite://PATH` (created if missing), or `postgres://USER:PASSWORD@HOST/DB` (also
+    /// `postgresql://…`; the database must exist, the schema is migrated at start) for several
+    /// daemons sharing one store. PostgreSQL needs a RabbitMQ `[bus] url`: the embedded bus
+    /// lives in SQLite.
     pub url: String,
 }
 
@@ -235,21 +237,19 @@ impl Config {
                     .to_owned(),
             ));
         }
-        if self.bus.url.is_none() && !self.store.url.starts_with("sqlite:") {
+        let sqlite = self.store.url.starts_with("sqlite:");
+        if self.bus.url.is_none() && !sqlite {
             problems.push((
                 "store.url".to_owned(),
-                "must be sqlite://PATH when [bus] url is not set: the embedded bus lives in SQLite"
+                "must be sqlite://PATH when [bus] url is not set: the embedded bus lives in \
+                 SQLite (a postgres:// store needs a RabbitMQ [bus] url)"
                     .to_owned(),
             ));
-        } else if self.store.url.starts_with("postgres") {
-            // Said by `check` as well as `run`: the PostgreSQL store is not built yet.
+        } else if !sqlite && !crate::store::is_postgres(&self.store.url) {
             problems.push((
                 "store.url".to_owned(),
-                "PostgreSQL is not supported yet (several-node mode is planned): use sqlite://PATH"
-                    .to_owned(),
+                "must be sqlite://PATH, postgres://… or postgresql://…".to_owned(),
             ));
-        } else if !self.store.url.starts_with("sqlite:") {
-            problems.push(("store.url".to_owned(), "must be sqlite://PATH".to_owned()));
         }
         if matches!(&self.http.admin_token, Some(token) if token.len() < 16) {
             problems.push((

@@ -314,14 +314,28 @@ fn state_directory_holds_the_default_database() {
 }
 
 #[test]
-fn a_postgres_store_is_refused_by_check_too() {
+fn a_postgres_store_is_accepted_with_a_bus() {
+    for url in [
+        "postgres://sb@db/switchboard",
+        "postgresql://sb:pw@db:5432/switchboard",
+    ] {
+        let text = format!("[bus]\nurl = \"amqp://localhost\"\n\n[store]\nurl = \"{url}\"\n");
+        let loaded = load_str(&text, &[]).unwrap();
+        assert_eq!(loaded.config.store.url, url);
+    }
+}
+
+#[test]
+fn an_unknown_store_scheme_is_refused() {
     let errors = problems(
-        "[bus]\nurl = \"amqp://localhost\"\n\n[store]\nurl = \"postgres://localhost/x\"\n",
+        "[bus]\nurl = \"amqp://localhost\"\n\n[store]\nurl = \"mysql://localhost/x\"\n",
         &[],
     );
     assert_eq!(errors.len(), 1, "{errors:?}");
     assert!(
-        errors[0].starts_with("sb.toml:5:1: `store.url` PostgreSQL is not supported yet"),
+        errors[0].starts_with(
+            "sb.toml:5:1: `store.url` must be sqlite://PATH, postgres://… or postgresql://…"
+        ),
         "{errors:?}"
     );
 }
@@ -330,7 +344,8 @@ fn a_postgres_store_is_refused_by_check_too() {
 fn embedded_bus_needs_sqlite() {
     let errors = problems("[store]\nurl = \"postgres://localhost/x\"\n", &[]);
     assert!(
-        errors[0].contains("must be sqlite://PATH when [bus] url is not set"),
+        errors[0].contains("must be sqlite://PATH when [bus] url is not set")
+            && errors[0].contains("needs a RabbitMQ [bus] url"),
         "{errors:?}"
     );
 }

@@ -1,7 +1,10 @@
 //! The customer context store: customers, identities, conversations, messages and decisions.
-//! One trait, [`Store`], with an SQLite implementation; PostgreSQL implements the same trait
-//! for several nodes.
+//! One trait, [`Store`], with two implementations that behave the same: SQLite (one node, and
+//! the embedded bus's home) and PostgreSQL (several nodes sharing one database). Both decide a
+//! batch with the shared [`batch`] logic; only their SQL differs.
 
+mod batch;
+mod postgres;
 mod sqlite;
 
 use async_trait::async_trait;
@@ -10,6 +13,7 @@ use switchboard_channel::NormalizedMessage;
 
 use crate::router::decide::{ConversationView, CustomerView};
 
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 /// The store failed; the message stays unacknowledged and is retried.
@@ -27,7 +31,7 @@ pub enum StoreError {
     Query(#[from] sqlx::Error),
     #[error("stored JSON is corrupt: {0}")]
     Corrupt(#[from] serde_json::Error),
-    #[error("unsupported store URL `{0}`: use sqlite://PATH")]
+    #[error("unsupported store URL `{0}`: use sqlite://PATH, postgres://… or postgresql://…")]
     Unsupported(String),
     #[error("cannot open the store at {url}: {message}")]
     DataDir { url: String, message: String },
@@ -201,9 +205,21 @@ pub async fn open(
                 .with_reopen_window(reopen_window)
                 .with_history(history),
         ))
+    } else if is_postgres(url) {
+        Ok(std::sync::Arc::new(
+            PgStore::open(url)
+                .await?
+                .with_reopen_window(reopen_window)
+                .with_history(history),
+        ))
     } else {
-        Err(StoreError::Unsupported(url.to_owned()))
+        Err(StoreError::Unsupported(crate::telemetry::redact_url(url)))
     }
+}
+
+/// Whether `url` names a PostgreSQL store (`postgres://…` or `postgresql://…`).
+pub fn is_postgres(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
 }
 
 /// The file of an `sqlite:` URL (`sqlite://data/x.db`, `sqlite:///abs/x.db`, `sqlite:x.db`).

@@ -6,8 +6,6 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use std::collections::HashMap;
-
 use async_trait::async_trait;
 use serde_json::{Map, Value, json};
 use sqlx::sqlite::{
@@ -15,15 +13,12 @@ use sqlx::sqlite::{
 };
 use sqlx::{QueryBuilder, Row as _, Sqlite, SqliteConnection};
 use switchboard_channel::NormalizedMessage;
-use uuid::Uuid;
 
+use super::batch::{Batch, DAY_MS, LoadedConversation};
 use super::{
-    ConversationRecord, CustomerRecord, DecideFn, HistoryEntry, Resolved, RouteOutcome, Store,
-    StoreError, StoredDecision, merged_attributes,
+    ConversationRecord, CustomerRecord, DecideFn, RouteOutcome, Store, StoreError, StoredDecision,
 };
-use crate::router::decide::{ConversationView, CustomerView, Identity};
-
-const DAY_MS: i64 = 24 * 60 * 60 * 1000;
+use crate::router::decide::Identity;
 
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -366,32 +361,9 @@ async fn decision(
     Ok(row.as_ref().map(stored_decision))
 }
 
-/// A customer as the batch sees it: loaded, or created by an earlier message of the batch.
-struct CustomerState {
-    attributes: Map<String, Value>,
-    identities: Vec<Identity>,
-    recent: u32,
-    open_conversations: u32,
-    is_new: bool,
-    /// Latest messages, oldest first, at most `history_len`.
-    history: std::collections::VecDeque<HistoryEntry>,
-}
-
-/// A customer's open conversation as the batch sees it.
-struct ConversationState {
-    id: String,
-    channels: Vec<String>,
-    message_count: i64,
-    opened_at: i64,
-    agent_id: Option<String>,
-    queue: Option<String>,
-    is_new: bool,
-}
-
 /// The whole batch in a fixed number of statements: bulk reads keyed by JSON arrays, the
-/// decisions made in order against an in-memory view (so a later message sees an earlier one's
-/// customer and conversation), then bulk writes. Each statement is one round trip to the SQLite
-/// thread, whatever the batch size.
+/// decisions made in order against an in-memory view ([`Batch`]), then bulk writes. Each
+/// statement is one round trip to the SQLite thread, whatever the batch size.
 async fn route_in(
     connection: &mut SqliteConnection,
     messages: &[NormalizedMessage],
@@ -400,11 +372,11 @@ async fn route_in(
     history_len: usize,
     decide: &DecideFn<'_>,
 ) -> Result<Vec<RouteOutcome>, StoreError> {
+    let mut batch = Batch::new(messages, now_ms, history_len);
     let keys: Vec<[&str; 2]> = messages
         .iter()
         .map(|m| [m.channel.id.as_str(), m.external_id.as_str()])
         .collect();
-    let mut existing: HashMap<(String, String), StoredDecision> = HashMap::new();
     for row in sqlx::query(
         "SELECT d.channel_id, d.external_id, d.assignment, d.queue, d.priority,
                 p.channel_id IS NOT NULL AS published
@@ -417,49 +389,33 @@ async fn route_in(
     .fetch_all(&mut *connection)
     .await?
     {
-        existing.insert(
-            (row.get("channel_id"), row.get("external_id")),
+        batch.existing(
+            row.get("channel_id"),
+            row.get("external_id"),
             stored_decision(&row),
         );
     }
 
-    // Every identity the batch's messages carry: their senders and the identities adapters
-    // list in `metadata.identities` (a web chat form's email and phone).
-    let all_identities: Vec<Vec<(String, String)>> = messages.iter().map(identities_of).collect();
-    let senders: Vec<[&str; 2]> = all_identities
-        .iter()
-        .flatten()
+    let identities: Vec<[&str; 2]> = batch
+        .identities()
         .map(|(kind, address)| [kind.as_str(), address.as_str()])
         .collect();
-    let mut by_identity: HashMap<(String, String), String> = HashMap::new();
-    let mut customers: HashMap<String, CustomerState> = HashMap::new();
+    let identities = serde_json::to_string(&identities)?;
     for row in sqlx::query(
         "SELECT i.kind, i.address, c.id, c.attributes
          FROM jsonb_each(?) j
          JOIN identities i ON i.kind = j.value ->> 0 AND i.address = j.value ->> 1
          JOIN customers c ON c.id = i.customer_id",
     )
-    .bind(serde_json::to_string(&senders)?)
+    .bind(identities)
     .fetch_all(&mut *connection)
     .await?
     {
-        let id: String = row.get("id");
-        by_identity.insert((row.get("kind"), row.get("address")), id.clone());
-        if let std::collections::hash_map::Entry::Vacant(entry) = customers.entry(id) {
-            let attributes: Map<String, Value> =
-                serde_json::from_str(row.get::<&str, _>("attributes"))?;
-            entry.insert(CustomerState {
-                attributes,
-                identities: Vec::new(),
-                recent: 0,
-                open_conversations: 0,
-                is_new: false,
-                history: std::collections::VecDeque::new(),
-            });
-        }
+        batch.known_identity((row.get("kind"), row.get("address")), row.get("id"), || {
+            Ok(serde_json::from_str(row.get::<&str, _>("attributes"))?)
+        })?;
     }
-    let known: Vec<&String> = customers.keys().collect();
-    let known = serde_json::to_string(&known)?;
+    let known = serde_json::to_string(&batch.known_customers())?;
     for row in sqlx::query(
         "SELECT customer_id, kind, address FROM identities
          WHERE customer_id IN (SELECT value FROM json_each(?))
@@ -469,16 +425,16 @@ async fn route_in(
     .fetch_all(&mut *connection)
     .await?
     {
-        if let Some(customer) = customers.get_mut(row.get::<&str, _>("customer_id")) {
-            customer.identities.push(Identity {
+        batch.customer_identity(
+            row.get("customer_id"),
+            Identity {
                 kind: row.get("kind"),
                 address: row.get("address"),
-            });
-        }
+            },
+        );
     }
     // Each customer's latest open conversation continues; without one, the latest closed
     // within the reopen window does (open ones come first).
-    let mut conversations: HashMap<String, ConversationState> = HashMap::new();
     for row in sqlx::query(
         "SELECT id, customer_id, status, channels, message_count, opened_at, agent_id, queue
          FROM conversations
@@ -491,30 +447,17 @@ async fn route_in(
     .fetch_all(&mut *connection)
     .await?
     {
-        let customer_id: String = row.get("customer_id");
         let open = row.get::<&str, _>("status") == "open";
-        let taken = conversations.contains_key(&customer_id);
-        if let Some(customer) = customers.get_mut(&customer_id)
-            && (open || !taken)
-        {
-            customer.open_conversations += 1;
-        }
-        if taken {
-            continue; // an older open one, or a closed one while an open one continues
-        }
-        let channels: Vec<String> = serde_json::from_str(row.get::<&str, _>("channels"))?;
-        conversations.insert(
-            customer_id,
-            ConversationState {
+        batch.conversation(row.get("customer_id"), open, || {
+            Ok(LoadedConversation {
                 id: row.get("id"),
-                channels,
+                channels: serde_json::from_str(row.get::<&str, _>("channels"))?,
                 message_count: row.get("message_count"),
                 opened_at: row.get("opened_at"),
                 agent_id: row.get("agent_id"),
                 queue: row.get("queue"),
-                is_new: false,
-            },
-        );
+            })
+        })?;
     }
     for row in sqlx::query(
         "SELECT customer_id, count(*) AS n FROM messages
@@ -526,9 +469,7 @@ async fn route_in(
     .fetch_all(&mut *connection)
     .await?
     {
-        if let Some(customer) = customers.get_mut(row.get::<&str, _>("customer_id")) {
-            customer.recent = u32::try_from(row.get::<i64, _>("n")).unwrap_or(u32::MAX);
-        }
+        batch.recent_contacts(row.get("customer_id"), row.get("n"));
     }
 
     // The latest messages of each known customer, on every channel.
@@ -548,209 +489,52 @@ async fn route_in(
         .fetch_all(&mut *connection)
         .await?
         {
-            if let Some(customer) = customers.get_mut(row.get::<&str, _>("customer_id")) {
-                customer.history.push_back(HistoryEntry {
-                    channel: row.get::<Option<String>, _>("channel").unwrap_or_default(),
-                    text: row.get::<Option<String>, _>("text").unwrap_or_default(),
-                    at: rfc3339(row.get("received_at")),
-                });
-            }
+            batch.history(
+                row.get("customer_id"),
+                row.get::<Option<String>, _>("channel").unwrap_or_default(),
+                row.get::<Option<String>, _>("text").unwrap_or_default(),
+                row.get("received_at"),
+            );
         }
     }
 
-    // Decide in order.
-    let mut outcomes = Vec::with_capacity(messages.len());
-    let mut touched: Vec<String> = Vec::new();
-    let mut new_identities: Vec<(String, String, String)> = Vec::new();
-    let mut rows: Vec<Row<'_>> = Vec::new();
-    let mut decided: HashMap<(String, String), StoredDecision> = HashMap::new();
-    for (position, message) in messages.iter().enumerate() {
-        let key = (message.channel.id.clone(), message.external_id.clone());
-        if let Some(stored) = existing.get(&key).or_else(|| decided.get(&key)) {
-            outcomes.push(RouteOutcome::Existing(stored.clone()));
-            continue;
-        }
-        // The customer behind the first known identity (the sender's first); a new one if
-        // none is known. The message's unknown identities are linked to that customer; one
-        // that already belongs to another customer stays there (merging is explicit).
-        let identities = &all_identities[position];
-        let customer_id = match identities.iter().find_map(|i| by_identity.get(i)) {
-            Some(id) => id.clone(),
-            None => {
-                let id = Uuid::new_v4().to_string();
-                customers.insert(
-                    id.clone(),
-                    CustomerState {
-                        attributes: Map::new(),
-                        identities: Vec::new(),
-                        recent: 0,
-                        open_conversations: 0,
-                        is_new: true,
-                        history: std::collections::VecDeque::new(),
-                    },
-                );
-                id
-            }
-        };
-        let Some(customer) = customers.get_mut(&customer_id) else {
-            continue; // inserted just above or loaded
-        };
-        for identity in identities {
-            if by_identity.contains_key(identity) {
-                continue;
-            }
-            by_identity.insert(identity.clone(), customer_id.clone());
-            new_identities.push((identity.0.clone(), identity.1.clone(), customer_id.clone()));
-            customer.identities.push(Identity {
-                kind: identity.0.clone(),
-                address: identity.1.clone(),
-            });
-        }
-        customer.attributes = merged_attributes(std::mem::take(&mut customer.attributes), message);
-        let conversation = conversations.entry(customer_id.clone()).or_insert_with(|| {
-            customer.open_conversations += 1;
-            ConversationState {
-                id: Uuid::new_v4().to_string(),
-                channels: Vec::new(),
-                message_count: 0,
-                opened_at: now_ms,
-                agent_id: None,
-                queue: None,
-                is_new: true,
-            }
-        });
-        let resolved = Resolved {
-            customer: CustomerView {
-                id: customer_id.clone(),
-                attributes: customer.attributes.clone(),
-                identities: customer.identities.clone(),
-                contacts_last_24h: customer.recent.saturating_add(1),
-                open_conversations: customer.open_conversations.max(1),
-                previous_agent: conversation.agent_id.clone(),
-                channels_used: with(&conversation.channels, &message.channel.kind),
-            },
-            conversation: ConversationView {
-                id: conversation.id.clone(),
-                new: conversation.message_count == 0,
-                age: (now_ms - conversation.opened_at).max(0) / 1000,
-                message_count: u32::try_from(conversation.message_count).unwrap_or(u32::MAX),
-            },
-            history: customer.history.iter().cloned().collect(),
-            conversation_opened_at: conversation.opened_at,
-        };
-        let routed = decide(message, &resolved);
-
-        customer.recent = customer.recent.saturating_add(1);
-        if history_len > 0 {
-            if customer.history.len() >= history_len {
-                customer.history.pop_front();
-            }
-            customer.history.push_back(HistoryEntry {
-                channel: message.channel.kind.clone(),
-                text: message.text.clone(),
-                at: rfc3339(now_ms),
-            });
-        }
-        conversation.message_count += 1;
-        if !conversation.channels.contains(&message.channel.kind) {
-            conversation.channels.push(message.channel.kind.clone());
-        }
-        conversation.queue = Some(routed.queue.clone());
-        if !touched.contains(&customer_id) {
-            touched.push(customer_id.clone());
-        }
-        rows.push(Row {
-            message,
-            conversation_id: conversation.id.clone(),
-            customer_id: customer_id.clone(),
-            envelope: serde_json::to_string(message)?,
-            queue: routed.queue.clone(),
-            urgency: routed.urgency,
-            priority: routed.priority,
-            assignment: routed.assignment.clone(),
-        });
-        let stored = StoredDecision {
-            assignment: routed.assignment.clone(),
-            queue: routed.queue.clone(),
-            priority: routed.priority,
-            published: false,
-        };
-        decided.insert(key, stored);
-        outcomes.push(RouteOutcome::New {
-            queue: routed.queue,
-            priority: routed.priority,
-            assignment: routed.assignment,
-        });
-    }
-    if rows.is_empty() {
-        return Ok(outcomes);
+    let decided = batch.decide(decide)?;
+    if decided.messages.is_empty() {
+        return Ok(decided.outcomes);
     }
 
     // Write in bulk: customers and identities, conversations, messages, decisions.
-    let mut new_customers = Vec::new();
-    let mut seen_customers = Vec::new();
-    let mut new_conversations = Vec::new();
-    let mut seen_conversations = Vec::new();
-    for customer_id in &touched {
-        let (Some(customer), Some(conversation)) =
-            (customers.get(customer_id), conversations.get(customer_id))
-        else {
-            continue;
-        };
-        let customer_row = json!({
-            "id": customer_id,
-            "attributes": serde_json::to_string(&customer.attributes)?,
-        });
-        if customer.is_new {
-            new_customers.push(customer_row);
-        } else {
-            seen_customers.push(customer_row);
-        }
-        let conversation_row = json!({
-            "id": conversation.id,
-            "customer_id": customer_id,
-            "channels": serde_json::to_string(&conversation.channels)?,
-            "queue": conversation.queue,
-            "message_count": conversation.message_count,
-            "opened_at": conversation.opened_at,
-        });
-        if conversation.is_new {
-            new_conversations.push(conversation_row);
-        } else {
-            seen_conversations.push(conversation_row);
-        }
-    }
-    if !new_customers.is_empty() {
+    if !decided.new_customers.is_empty() {
         sqlx::query(
             "INSERT INTO customers (id, attributes, created_at, last_seen_at)
              SELECT value ->> 'id', value ->> 'attributes', ?1, ?1 FROM jsonb_each(?2)",
         )
         .bind(now_ms)
-        .bind(Value::Array(new_customers).to_string())
+        .bind(serde_json::to_string(&decided.new_customers)?)
         .execute(&mut *connection)
         .await?;
     }
-    if !new_identities.is_empty() {
+    if !decided.new_identities.is_empty() {
         sqlx::query(
             "INSERT INTO identities (kind, address, customer_id, created_at)
              SELECT value ->> 0, value ->> 1, value ->> 2, ?1 FROM jsonb_each(?2)",
         )
         .bind(now_ms)
-        .bind(serde_json::to_string(&new_identities)?)
+        .bind(serde_json::to_string(&decided.new_identities)?)
         .execute(&mut *connection)
         .await?;
     }
-    if !seen_customers.is_empty() {
+    if !decided.seen_customers.is_empty() {
         sqlx::query(
             "UPDATE customers SET attributes = j.value ->> 'attributes', last_seen_at = ?1
              FROM jsonb_each(?2) AS j WHERE customers.id = j.value ->> 'id'",
         )
         .bind(now_ms)
-        .bind(Value::Array(seen_customers).to_string())
+        .bind(serde_json::to_string(&decided.seen_customers)?)
         .execute(&mut *connection)
         .await?;
     }
-    if !new_conversations.is_empty() {
+    if !decided.new_conversations.is_empty() {
         sqlx::query(
             "INSERT INTO conversations (id, customer_id, status, channels, queue, message_count,
                                         opened_at, last_activity_at)
@@ -759,11 +543,11 @@ async fn route_in(
              FROM jsonb_each(?2)",
         )
         .bind(now_ms)
-        .bind(Value::Array(new_conversations).to_string())
+        .bind(serde_json::to_string(&decided.new_conversations)?)
         .execute(&mut *connection)
         .await?;
     }
-    if !seen_conversations.is_empty() {
+    if !decided.seen_conversations.is_empty() {
         sqlx::query(
             "UPDATE conversations SET channels = j.value ->> 'channels', queue = j.value ->> 'queue',
                     message_count = j.value ->> 'message_count', last_activity_at = ?1,
@@ -771,13 +555,13 @@ async fn route_in(
              FROM jsonb_each(?2) AS j WHERE conversations.id = j.value ->> 'id'",
         )
         .bind(now_ms)
-        .bind(Value::Array(seen_conversations).to_string())
+        .bind(serde_json::to_string(&decided.seen_conversations)?)
         .execute(&mut *connection)
         .await?;
     }
     // The large texts (envelope, assignment) are bound as parameters, not wrapped in JSON:
     // no escaping on our side and no JSON parsing on SQLite's.
-    for chunk in rows.chunks(ROWS_PER_INSERT) {
+    for chunk in decided.messages.chunks(ROWS_PER_INSERT) {
         let mut insert = QueryBuilder::<Sqlite>::new(
             "INSERT INTO messages (channel_id, external_id, message_id, conversation_id, customer_id,
                                    direction, envelope, received_at) ",
@@ -811,68 +595,11 @@ async fn route_in(
         });
         insert.build().execute(&mut *connection).await?;
     }
-    Ok(outcomes)
-}
-
-/// A message's identities, the sender first, then `metadata.identities` (`[{kind, address}]`),
-/// without repeats.
-fn identities_of(message: &NormalizedMessage) -> Vec<(String, String)> {
-    let mut identities = vec![(message.sender.kind.clone(), message.sender.address.clone())];
-    let listed = message
-        .metadata
-        .get("identities")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten();
-    for entry in listed {
-        let (Some(kind), Some(address)) = (
-            entry.get("kind").and_then(Value::as_str),
-            entry.get("address").and_then(Value::as_str),
-        ) else {
-            continue;
-        };
-        let identity = (kind.to_owned(), address.trim().to_owned());
-        if !identity.0.is_empty() && !identity.1.is_empty() && !identities.contains(&identity) {
-            identities.push(identity);
-        }
-    }
-    identities
-}
-
-/// Unix milliseconds → RFC 3339.
-fn rfc3339(ms: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_default()
+    Ok(decided.outcomes)
 }
 
 /// Rows per multi-row INSERT (8 parameters each, well under SQLite's limit of 32,766).
 const ROWS_PER_INSERT: usize = 256;
-
-/// One routed message, as written.
-struct Row<'a> {
-    message: &'a NormalizedMessage,
-    conversation_id: String,
-    customer_id: String,
-    envelope: String,
-    queue: String,
-    urgency: u8,
-    priority: u8,
-    assignment: String,
-}
-
-/// `channels` plus `kind`, if not there yet.
-fn with(channels: &[String], kind: &str) -> Vec<String> {
-    let mut channels = channels.to_vec();
-    if !channels.iter().any(|c| c == kind) {
-        channels.push(kind.to_owned());
-    }
-    channels
-}
 
 fn stored_decision(row: &sqlx::sqlite::SqliteRow) -> StoredDecision {
     StoredDecision {

@@ -1,6 +1,14 @@
-use std::sync::Mutex;
+//! Every test of the store runs on SQLite and on PostgreSQL (`store::tests::sqlite::…` and
+//! `store::tests::postgres::…`, see [`on_both_backends`]). Each test gets its own database: a
+//! temporary SQLite file, or a fresh PostgreSQL schema (dropped afterwards) on the server named
+//! by `SWITCHBOARD_TEST_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/test`). An
+//! unreachable server fails the PostgreSQL tests; they never pass without it.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde_json::json;
+use sqlx::Connection as _;
 use switchboard_channel::{ChannelRef, NormalizedMessage, Sender};
 use time::OffsetDateTime;
 
@@ -9,10 +17,174 @@ use crate::router::decide::Identity;
 
 const DAY_MS: i64 = 24 * 60 * 60 * 1000;
 
-async fn store() -> (tempfile::TempDir, SqliteStore) {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("s.db").display());
-    (dir, SqliteStore::open(&url).await.unwrap())
+const DEFAULT_POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+#[derive(Debug, Clone, Copy)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Generates `mod sqlite` and `mod postgres`, each with one `#[tokio::test]` per named test
+/// function (`async fn NAME(backend: Backend)`). A function left out of the list is dead code,
+/// which the lints refuse.
+macro_rules! on_both_backends {
+    ($($test:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    super::$test(super::Backend::Sqlite).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    super::$test(super::Backend::Postgres).await;
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    same_sender_same_customer_and_conversation,
+    later_messages_in_a_batch_see_earlier_ones,
+    a_recorded_message_returns_its_decision_and_is_not_decided_again,
+    attributes_merge_and_persist,
+    attributes_patch_merges_and_null_removes,
+    channels_used_accumulate_without_duplicates,
+    contacts_last_24h_forgets_old_messages,
+    a_closed_conversation_reopens_within_the_window_and_not_after,
+    each_decision_sees_the_customers_latest_messages_on_every_channel,
+    listed_identities_link_to_the_senders_customer_but_never_move,
+    a_conversation_shows_its_messages_and_decisions,
+    two_nodes_racing_agree_on_new_customers_and_duplicates,
+);
+
+/// One test's store, and the place it lives in (removed when dropped, after the store).
+struct TestStore {
+    store: Arc<dyn Store>,
+    url: String,
+    _dir: Option<tempfile::TempDir>,
+    _schema: Option<PgSchema>,
+}
+
+impl TestStore {
+    async fn open(backend: Backend) -> Self {
+        Self::with(backend, DEFAULT_REOPEN_WINDOW, DEFAULT_HISTORY).await
+    }
+
+    async fn with(backend: Backend, reopen_window: Duration, history: usize) -> Self {
+        let (url, dir, schema) = match backend {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().unwrap();
+                let url = format!("sqlite://{}", dir.path().join("s.db").display());
+                (url, Some(dir), None)
+            }
+            Backend::Postgres => {
+                let schema = PgSchema::create().await;
+                (schema.url.clone(), None, Some(schema))
+            }
+        };
+        let store = open(&url, reopen_window, history).await.unwrap();
+        Self {
+            store,
+            url,
+            _dir: dir,
+            _schema: schema,
+        }
+    }
+
+    /// Another store on the same database, as a second node would open it.
+    async fn another(&self) -> Arc<dyn Store> {
+        open(&self.url, DEFAULT_REOPEN_WINDOW, DEFAULT_HISTORY)
+            .await
+            .unwrap()
+    }
+}
+
+impl std::ops::Deref for TestStore {
+    type Target = dyn Store;
+
+    fn deref(&self) -> &Self::Target {
+        &*self.store
+    }
+}
+
+/// A fresh schema in the test database; the store connects with it as its `search_path`.
+struct PgSchema {
+    admin_url: String,
+    name: String,
+    url: String,
+}
+
+impl PgSchema {
+    async fn create() -> Self {
+        let admin_url = std::env::var("SWITCHBOARD_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| DEFAULT_POSTGRES_URL.to_owned());
+        let mut admin = sqlx::PgConnection::connect(&admin_url)
+            .await
+            .unwrap_or_else(|error| {
+                panic!(
+                    "PostgreSQL for the store tests is unreachable at {admin_url} ({error}): \
+                     start it (.ci/run does) or set SWITCHBOARD_TEST_POSTGRES_URL"
+                )
+            });
+        let name = format!("sb_test_{}", uuid::Uuid::new_v4().simple());
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {name}")))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        let _ = admin.close().await;
+        let separator = if admin_url.contains('?') { '&' } else { '?' };
+        // Named after the schema, so the teardown can find the test's connections.
+        let url = format!(
+            "{admin_url}{separator}application_name={name}&options=-c%20search_path%3D{name}"
+        );
+        Self {
+            admin_url,
+            name,
+            url,
+        }
+    }
+}
+
+impl Drop for PgSchema {
+    /// Drops the schema from a thread of its own: `Drop` cannot await, and it also runs when
+    /// the test panicked.
+    fn drop(&mut self) {
+        let admin_url = self.admin_url.clone();
+        let name = self.name.clone();
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async {
+                let mut admin = sqlx::PgConnection::connect(&admin_url).await?;
+                // A connection the test left in a transaction would hold its locks until the
+                // test's runtime ends, after this.
+                sqlx::query(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                     WHERE application_name = $1",
+                )
+                .bind(&name)
+                .execute(&mut admin)
+                .await?;
+                sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {name} CASCADE")))
+                    .execute(&mut admin)
+                    .await?;
+                admin.close().await?;
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+            })
+        })
+        .join();
+        if let Ok(Err(error)) = dropped {
+            eprintln!("could not drop the test schema {}: {error}", self.name);
+        }
+    }
 }
 
 fn message(id: &str, sender: &str, kind: &str) -> NormalizedMessage {
@@ -40,7 +212,7 @@ fn message(id: &str, sender: &str, kind: &str) -> NormalizedMessage {
 
 /// Routes `messages` through the store with a decide step that records what it saw.
 async fn route(
-    store: &SqliteStore,
+    store: &impl std::ops::Deref<Target = dyn Store>,
     messages: &[NormalizedMessage],
     now_ms: i64,
 ) -> (Vec<RouteOutcome>, Vec<Resolved>) {
@@ -58,9 +230,8 @@ async fn route(
     (outcomes, seen.into_inner().unwrap())
 }
 
-#[tokio::test]
-async fn same_sender_same_customer_and_conversation() {
-    let (_dir, store) = store().await;
+async fn same_sender_same_customer_and_conversation(backend: Backend) {
+    let store = TestStore::open(backend).await;
     let (_, seen) = route(&store, &[message("m-1", "visitor-1", "webchat")], 1_000).await;
     let a = &seen[0];
     assert!(a.conversation.new);
@@ -88,9 +259,8 @@ async fn same_sender_same_customer_and_conversation() {
     assert_ne!(seen[0].conversation.id, a.conversation.id);
 }
 
-#[tokio::test]
-async fn later_messages_in_a_batch_see_earlier_ones() {
-    let (_dir, store) = store().await;
+async fn later_messages_in_a_batch_see_earlier_ones(backend: Backend) {
+    let store = TestStore::open(backend).await;
     let batch = [message("m-1", "v", "webchat"), message("m-2", "v", "email")];
     let (outcomes, seen) = route(&store, &batch, 1_000).await;
     assert_eq!(outcomes.len(), 2);
@@ -100,9 +270,8 @@ async fn later_messages_in_a_batch_see_earlier_ones() {
     assert_eq!(seen[1].customer.contacts_last_24h, 2);
 }
 
-#[tokio::test]
-async fn a_recorded_message_returns_its_decision_and_is_not_decided_again() {
-    let (_dir, store) = store().await;
+async fn a_recorded_message_returns_its_decision_and_is_not_decided_again(backend: Backend) {
+    let store = TestStore::open(backend).await;
     let m = message("m-1", "visitor-1", "webchat");
     assert_eq!(store.decision("chat", "m-1").await.unwrap(), None);
     let (outcomes, _) = route(&store, std::slice::from_ref(&m), 1_000).await;
@@ -146,9 +315,8 @@ async fn a_recorded_message_returns_its_decision_and_is_not_decided_again() {
     );
 }
 
-#[tokio::test]
-async fn attributes_merge_and_persist() {
-    let (_dir, store) = store().await;
+async fn attributes_merge_and_persist(backend: Backend) {
+    let store = TestStore::open(backend).await;
     let mut m = message("m-1", "visitor-1", "webchat");
     m.metadata
         .insert("attributes".into(), json!({"tier": "vip", "plan": "pro"}));
@@ -166,9 +334,8 @@ async fn attributes_merge_and_persist() {
     assert_eq!(seen[0].customer.attributes["plan"], "enterprise", "updated");
 }
 
-#[tokio::test]
-async fn channels_used_accumulate_without_duplicates() {
-    let (_dir, store) = store().await;
+async fn channels_used_accumulate_without_duplicates(backend: Backend) {
+    let store = TestStore::open(backend).await;
     for (i, kind) in ["webchat", "email", "webchat"].iter().enumerate() {
         route(
             &store,
@@ -181,9 +348,8 @@ async fn channels_used_accumulate_without_duplicates() {
     assert_eq!(seen[0].customer.channels_used, vec!["webchat", "email"]);
 }
 
-#[tokio::test]
-async fn contacts_last_24h_forgets_old_messages() {
-    let (_dir, store) = store().await;
+async fn contacts_last_24h_forgets_old_messages(backend: Backend) {
+    let store = TestStore::open(backend).await;
     route(&store, &[message("m-1", "visitor-1", "webchat")], 0).await;
     let (_, seen) = route(
         &store,
@@ -195,7 +361,7 @@ async fn contacts_last_24h_forgets_old_messages() {
 }
 
 #[tokio::test]
-async fn unwritable_location_is_a_clear_error() {
+async fn sqlite_unwritable_location_is_a_clear_error() {
     let error = SqliteStore::open("sqlite:///proc/nope/s.db")
         .await
         .err()
@@ -208,10 +374,8 @@ async fn unwritable_location_is_a_clear_error() {
     );
 }
 
-#[tokio::test]
-async fn a_closed_conversation_reopens_within_the_window_and_not_after() {
-    let (_dir, store) = store().await;
-    let store = store.with_reopen_window(std::time::Duration::from_secs(72 * 3600));
+async fn a_closed_conversation_reopens_within_the_window_and_not_after(backend: Backend) {
+    let store = TestStore::with(backend, Duration::from_secs(72 * 3600), DEFAULT_HISTORY).await;
     let hour = 60 * 60 * 1000;
     let (_, seen) = route(&store, &[message("m-1", "visitor-1", "webchat")], hour).await;
     let first = seen[0].conversation.id.clone();
@@ -256,10 +420,8 @@ async fn a_closed_conversation_reopens_within_the_window_and_not_after() {
     );
 }
 
-#[tokio::test]
-async fn each_decision_sees_the_customers_latest_messages_on_every_channel() {
-    let (_dir, store) = store().await;
-    let store = store.with_history(2);
+async fn each_decision_sees_the_customers_latest_messages_on_every_channel(backend: Backend) {
+    let store = TestStore::with(backend, DEFAULT_REOPEN_WINDOW, 2).await;
     let with_text = |id: &str, kind: &str, text: &str| {
         let mut m = message(id, "visitor-1", kind);
         m.text = text.into();
@@ -298,9 +460,8 @@ async fn each_decision_sees_the_customers_latest_messages_on_every_channel() {
     assert!(seen[0].history.is_empty());
 }
 
-#[tokio::test]
-async fn listed_identities_link_to_the_senders_customer_but_never_move() {
-    let (_dir, store) = store().await;
+async fn listed_identities_link_to_the_senders_customer_but_never_move(backend: Backend) {
+    let store = TestStore::open(backend).await;
     let listing = |id: &str, sender: &str, email: &str| {
         let mut m = message(id, sender, "webchat");
         m.metadata.insert(
@@ -345,4 +506,324 @@ async fn listed_identities_link_to_the_senders_customer_but_never_move() {
         found.id, a,
         "an identity never moves to another customer by itself"
     );
+}
+
+async fn attributes_patch_merges_and_null_removes(backend: Backend) {
+    let store = TestStore::open(backend).await;
+    let mut m = message("m-1", "visitor-1", "webchat");
+    m.metadata
+        .insert("attributes".into(), json!({"tier": "vip", "plan": "pro"}));
+    let (_, seen) = route(&store, &[m], 1_000).await;
+    let id = seen[0].customer.id.clone();
+
+    let patch = json!({"plan": null, "seats": 12, "tags": ["a", "b"]});
+    let patched = store
+        .patch_attributes(&id, patch.as_object().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        Value::Object(patched.attributes),
+        json!({"tier": "vip", "seats": 12, "tags": ["a", "b"]})
+    );
+    let (_, seen) = route(&store, &[message("m-2", "visitor-1", "webchat")], 2_000).await;
+    assert_eq!(
+        seen[0].customer.attributes["seats"], 12,
+        "the router sees it"
+    );
+    assert!(
+        store
+            .patch_attributes("nope", &Map::new())
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+async fn a_conversation_shows_its_messages_and_decisions(backend: Backend) {
+    let store = TestStore::open(backend).await;
+    let mut first = message("m-1", "visitor-1", "webchat");
+    first.text = "first".into();
+    first
+        .metadata
+        .insert("attributes".into(), json!({"plan": "pro", "n": 1.5}));
+    let mut second = message("m-2", "visitor-1", "email");
+    second.text = "second".into();
+    let (_, seen) = route(&store, &[first.clone(), second.clone()], 5_000).await;
+    let id = seen[0].conversation.id.clone();
+
+    let record = store.conversation(&id).await.unwrap().unwrap();
+    assert_eq!(record.customer_id, seen[0].customer.id);
+    assert_eq!(record.status, "open");
+    assert_eq!(record.channels, ["webchat", "email"]);
+    assert_eq!(record.queue.as_deref(), Some("general"));
+    assert_eq!(record.message_count, 2);
+    assert_eq!((record.opened_at, record.last_activity_at), (5_000, 5_000));
+    let mut expected = serde_json::to_value(&first).unwrap();
+    expected["direction"] = json!("inbound");
+    expected["stored_at"] = json!(5_000);
+    assert_eq!(record.messages[0], expected, "the envelope as received");
+    assert_eq!(record.messages[1]["text"], "second");
+    assert_eq!(
+        record.decisions,
+        [
+            json!({"queue": "general", "urgency": 12, "priority": 1, "decided_at": 5_000,
+                   "message_id": null, "explanation": null}),
+            json!({"queue": "general", "urgency": 12, "priority": 1, "decided_at": 5_000,
+                   "message_id": null, "explanation": null}),
+        ]
+    );
+
+    let customer = store.customer(&record.customer_id).await.unwrap().unwrap();
+    assert_eq!(
+        Value::Object(customer.attributes),
+        json!({"plan": "pro", "n": 1.5})
+    );
+    assert_eq!((customer.created_at, customer.last_seen_at), (5_000, 5_000));
+    assert!(store.customer("nope").await.unwrap().is_none());
+    assert!(
+        store
+            .customer_by_identity("webchat", "nobody")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    store.ping().await.unwrap();
+}
+
+/// Two nodes route at once: the same new sender in both batches, and one message in both (a
+/// redelivery racing its first delivery). One customer, one conversation, one decision.
+async fn two_nodes_racing_agree_on_new_customers_and_duplicates(backend: Backend) {
+    let one = TestStore::open(backend).await;
+    let two = one.another().await;
+    for round in 0..8 {
+        let sender = format!("racer-{round}");
+        let duplicate = message(&format!("dup-{round}"), &sender, "webchat");
+        let a = [
+            message(&format!("a-{round}"), &sender, "webchat"),
+            duplicate.clone(),
+        ];
+        let b = [message(&format!("b-{round}"), &sender, "email"), duplicate];
+        let ((outcomes_a, seen_a), (outcomes_b, seen_b)) =
+            tokio::join!(route(&one, &a, 1_000), route(&two, &b, 1_000));
+        let customers: std::collections::HashSet<_> = seen_a
+            .iter()
+            .chain(&seen_b)
+            .map(|r| &r.customer.id)
+            .collect();
+        assert_eq!(customers.len(), 1, "round {round}: one customer");
+        let conversations: std::collections::HashSet<_> = seen_a
+            .iter()
+            .chain(&seen_b)
+            .map(|r| &r.conversation.id)
+            .collect();
+        assert_eq!(conversations.len(), 1, "round {round}: one conversation");
+        let new = [&outcomes_a[1], &outcomes_b[1]]
+            .iter()
+            .filter(|o| matches!(o, RouteOutcome::New { .. }))
+            .count();
+        assert_eq!(new, 1, "round {round}: the duplicate is decided once");
+        let conversation = one
+            .conversation(customers_conversation(&seen_a, &seen_b))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(conversation.message_count, 3, "round {round}");
+    }
+    two.close().await;
+}
+
+fn customers_conversation<'a>(a: &'a [Resolved], b: &'a [Resolved]) -> &'a str {
+    &a.iter().chain(b).next().unwrap().conversation.id
+}
+
+#[tokio::test]
+async fn an_unknown_url_scheme_names_both_supported_forms() {
+    let error = open("mysql://user:secret@host/db", DEFAULT_REOPEN_WINDOW, 1)
+        .await
+        .err()
+        .unwrap();
+    let text = error.to_string();
+    assert!(matches!(error, StoreError::Unsupported(_)), "{text}");
+    assert!(
+        text.contains("sqlite://PATH")
+            && text.contains("postgres://")
+            && text.contains("postgresql://"),
+        "{text}"
+    );
+    assert!(!text.contains("secret"), "no password in errors: {text}");
+}
+
+#[tokio::test]
+async fn postgres_unreachable_server_is_a_clear_error() {
+    let error = PgStore::open("postgresql://postgres:secret@127.0.0.1:1/test")
+        .await
+        .err()
+        .unwrap();
+    let text = error.to_string();
+    assert!(matches!(error, StoreError::Open { .. }), "{text}");
+    assert!(
+        text.starts_with("cannot open the store at postgresql://…@127.0.0.1:1/test: "),
+        "{text}"
+    );
+    assert!(!text.contains("secret"), "no password in errors: {text}");
+
+    let error = PgStore::open("postgres://127.0.0.1:port/test")
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(error, StoreError::Open { .. }), "{error}");
+}
+
+/// One scenario on both backends: every outcome, everything each decision saw and every
+/// record read back are the same (ids aside, which are random).
+#[tokio::test]
+async fn both_backends_give_the_same_results() {
+    let sqlite = scenario(Backend::Sqlite).await;
+    let postgres = scenario(Backend::Postgres).await;
+    assert_eq!(sqlite, postgres);
+}
+
+async fn scenario(backend: Backend) -> Value {
+    let store = TestStore::with(backend, Duration::from_secs(3600), 3).await;
+    let listing = |id: &str, sender: &str, kind: &str, extra: Value| {
+        let mut m = message(id, sender, kind);
+        m.text = format!("text of {id}");
+        m.metadata.insert("identities".into(), extra);
+        m.metadata.insert(
+            "attributes".into(),
+            json!({"last": id, "nested": {"k": [1, 2.5, null]}}),
+        );
+        m
+    };
+    // (now, batch): a conversation closes after the second and third batches; the fourth
+    // comes within the reopen window, the fifth after it and a day later.
+    let hour = 3_600_000;
+    let batches = [
+        (
+            1_000,
+            vec![
+                listing(
+                    "m-1",
+                    "dana",
+                    "webchat",
+                    json!([{"kind": "email", "address": "dana@x"}]),
+                ),
+                listing("m-2", "eli", "webchat", json!([])),
+                listing(
+                    "m-3",
+                    "dana",
+                    "email",
+                    json!([{"kind": "phone", "address": "+1555"}]),
+                ),
+            ],
+        ),
+        (
+            2_000,
+            vec![
+                listing("m-4", "dana", "sms", json!([])),
+                listing("m-1", "dana", "webchat", json!([])),
+                listing(
+                    "m-5",
+                    "fay",
+                    "webchat",
+                    json!([{"kind": "email", "address": "dana@x"}]),
+                ),
+            ],
+        ),
+        (
+            3_000,
+            vec![
+                listing("m-6", "eli", "email", json!([])),
+                listing("m-7", "dana", "webchat", json!([])),
+            ],
+        ),
+        (hour / 2, vec![listing("m-8", "dana", "email", json!([]))]),
+        (
+            30 * hour,
+            vec![
+                listing("m-9", "dana", "webchat", json!([])),
+                listing("m-2", "eli", "webchat", json!([])),
+                listing("m-10", "eli", "webchat", json!([])),
+            ],
+        ),
+    ];
+    // Ids are random: each shows as its order of appearance.
+    let mut ids: Vec<String> = Vec::new();
+    let mut conversations: Vec<String> = Vec::new();
+    let mut summary = Vec::new();
+    for (round, (now, batch)) in batches.iter().enumerate() {
+        let (outcomes, seen) = route(&store, batch, *now).await;
+        if round == 1 {
+            store
+                .mark_published(&[("chat".into(), "m-4".into())])
+                .await
+                .unwrap();
+        }
+        if round == 1 || round == 3 {
+            let conversation = seen[0].conversation.id.clone();
+            store.close_conversation(&conversation, *now).await.unwrap();
+        }
+        for r in &seen {
+            if !conversations.contains(&r.conversation.id) {
+                conversations.push(r.conversation.id.clone());
+            }
+        }
+        let seen: Vec<Value> = seen
+            .iter()
+            .map(|r| {
+                json!({
+                    "customer": label(&mut ids, &r.customer.id),
+                    "attributes": r.customer.attributes,
+                    "identities": r.customer.identities,
+                    "contacts_last_24h": r.customer.contacts_last_24h,
+                    "open_conversations": r.customer.open_conversations,
+                    "previous_agent": r.customer.previous_agent,
+                    "channels_used": r.customer.channels_used,
+                    "conversation": label(&mut ids, &r.conversation.id),
+                    "new": r.conversation.new,
+                    "age": r.conversation.age,
+                    "message_count": r.conversation.message_count,
+                    "history": r.history,
+                    "opened_at": r.conversation_opened_at,
+                })
+            })
+            .collect();
+        summary.push(json!({"outcomes": format!("{outcomes:?}"), "seen": seen}));
+    }
+    for key in ["m-1", "m-4", "m-7", "m-10", "none"] {
+        summary.push(json!(format!(
+            "{:?}",
+            store.decision("chat", key).await.unwrap()
+        )));
+    }
+    for (kind, address) in [("webchat", "dana"), ("email", "dana@x"), ("webchat", "fay")] {
+        let Some(mut customer) = store.customer_by_identity(kind, address).await.unwrap() else {
+            summary.push(Value::Null);
+            continue;
+        };
+        let customer_id = std::mem::take(&mut customer.id);
+        customer.id = label(&mut ids, &customer_id);
+        summary.push(serde_json::to_value(&customer).unwrap());
+        for id in &conversations {
+            let Some(mut record) = store.conversation(id).await.unwrap() else {
+                continue;
+            };
+            if record.customer_id == customer_id {
+                record.id = label(&mut ids, &record.id);
+                record.customer_id = customer.id.clone();
+                summary.push(serde_json::to_value(&record).unwrap());
+            }
+        }
+    }
+    Value::Array(summary)
+}
+
+/// `id`'s position among the ids seen so far, as `id-N`.
+fn label(ids: &mut Vec<String>, id: &str) -> String {
+    let position = ids.iter().position(|known| known == id).unwrap_or_else(|| {
+        ids.push(id.to_owned());
+        ids.len() - 1
+    });
+    format!("id-{position}")
 }

@@ -1,0 +1,440 @@
+//! The backend-independent half of [`Store::route_batch`](super::Store::route_batch).
+//!
+//! A backend reads what the batch needs in bulk and hands each row to a [`Batch`]; the batch
+//! then decides its messages in order against that in-memory view (so a later message sees an
+//! earlier one's customer, conversation and history) and returns [`Decided`]: the outcomes and
+//! the rows the backend writes back in bulk. Only the SQL differs between backends.
+
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, VecDeque};
+
+use serde_json::{Map, Value};
+use switchboard_channel::NormalizedMessage;
+use uuid::Uuid;
+
+use super::{
+    DecideFn, HistoryEntry, Resolved, RouteOutcome, StoreError, StoredDecision, merged_attributes,
+};
+use crate::router::decide::{ConversationView, CustomerView, Identity};
+
+pub(super) const DAY_MS: i64 = 24 * 60 * 60 * 1000;
+
+/// One batch of messages between the backend's bulk reads and its bulk writes.
+pub(super) struct Batch<'m> {
+    messages: &'m [NormalizedMessage],
+    /// Per message: its identities, the sender first (see [`identities_of`]).
+    identities: Vec<Vec<(String, String)>>,
+    now_ms: i64,
+    history_len: usize,
+    existing: HashMap<(String, String), StoredDecision>,
+    by_identity: HashMap<(String, String), String>,
+    customers: HashMap<String, CustomerState>,
+    /// By customer id: the conversation the customer's next message continues.
+    conversations: HashMap<String, ConversationState>,
+}
+
+/// A customer as the batch sees it: loaded, or created by an earlier message of the batch.
+struct CustomerState {
+    attributes: Map<String, Value>,
+    identities: Vec<Identity>,
+    recent: u32,
+    open_conversations: u32,
+    is_new: bool,
+    /// Latest messages, oldest first, at most `history_len`.
+    history: VecDeque<HistoryEntry>,
+}
+
+impl CustomerState {
+    fn new(attributes: Map<String, Value>, is_new: bool) -> Self {
+        Self {
+            attributes,
+            identities: Vec::new(),
+            recent: 0,
+            open_conversations: 0,
+            is_new,
+            history: VecDeque::new(),
+        }
+    }
+}
+
+/// A customer's open conversation as the batch sees it.
+struct ConversationState {
+    id: String,
+    channels: Vec<String>,
+    message_count: i64,
+    opened_at: i64,
+    agent_id: Option<String>,
+    queue: Option<String>,
+    is_new: bool,
+}
+
+/// A stored conversation as a backend reads it.
+pub(super) struct LoadedConversation {
+    pub id: String,
+    pub channels: Vec<String>,
+    pub message_count: i64,
+    pub opened_at: i64,
+    pub agent_id: Option<String>,
+    pub queue: Option<String>,
+}
+
+/// What the batch decided and what the backend writes back.
+pub(super) struct Decided<'m> {
+    pub outcomes: Vec<RouteOutcome>,
+    pub new_customers: Vec<CustomerRow>,
+    pub seen_customers: Vec<CustomerRow>,
+    /// `(kind, address, customer_id)`.
+    pub new_identities: Vec<(String, String, String)>,
+    pub new_conversations: Vec<ConversationRow>,
+    pub seen_conversations: Vec<ConversationRow>,
+    /// One per newly routed message: the message row and its decision row.
+    pub messages: Vec<MessageRow<'m>>,
+}
+
+/// A customer to insert or update.
+#[derive(serde::Serialize)]
+pub(super) struct CustomerRow {
+    pub id: String,
+    /// A JSON object.
+    pub attributes: String,
+}
+
+/// A conversation to insert, or to update (and reopen, if it was closed).
+#[derive(serde::Serialize)]
+pub(super) struct ConversationRow {
+    pub id: String,
+    pub customer_id: String,
+    /// A JSON array of channel kinds, in first-use order.
+    pub channels: String,
+    pub queue: Option<String>,
+    pub message_count: i64,
+    pub opened_at: i64,
+}
+
+/// One routed message, as written: the message and its decision.
+pub(super) struct MessageRow<'m> {
+    pub message: &'m NormalizedMessage,
+    pub conversation_id: String,
+    pub customer_id: String,
+    /// The message as JSON.
+    pub envelope: String,
+    pub queue: String,
+    pub urgency: u8,
+    pub priority: u8,
+    pub assignment: String,
+}
+
+impl<'m> Batch<'m> {
+    pub fn new(messages: &'m [NormalizedMessage], now_ms: i64, history_len: usize) -> Self {
+        Self {
+            messages,
+            identities: messages.iter().map(identities_of).collect(),
+            now_ms,
+            history_len,
+            existing: HashMap::new(),
+            by_identity: HashMap::new(),
+            customers: HashMap::new(),
+            conversations: HashMap::new(),
+        }
+    }
+
+    /// Every identity the batch's messages carry: their senders and the identities adapters
+    /// list in `metadata.identities` (a web chat form's email and phone).
+    pub fn identities(&self) -> impl Iterator<Item = &(String, String)> {
+        self.identities.iter().flatten()
+    }
+
+    /// A decision already recorded for `(channel_id, external_id)`.
+    pub fn existing(&mut self, channel_id: String, external_id: String, stored: StoredDecision) {
+        self.existing.insert((channel_id, external_id), stored);
+    }
+
+    /// A stored identity and its customer; `attributes` is read once per customer.
+    pub fn known_identity(
+        &mut self,
+        identity: (String, String),
+        customer_id: String,
+        attributes: impl FnOnce() -> Result<Map<String, Value>, StoreError>,
+    ) -> Result<(), StoreError> {
+        self.by_identity.insert(identity, customer_id.clone());
+        if let Entry::Vacant(entry) = self.customers.entry(customer_id) {
+            entry.insert(CustomerState::new(attributes()?, false));
+        }
+        Ok(())
+    }
+
+    /// The ids of the stored customers found by [`Self::known_identity`].
+    pub fn known_customers(&self) -> Vec<&String> {
+        self.customers.keys().collect()
+    }
+
+    /// One of a known customer's identities, in the order the customer shows them.
+    pub fn customer_identity(&mut self, customer_id: &str, identity: Identity) {
+        if let Some(customer) = self.customers.get_mut(customer_id) {
+            customer.identities.push(identity);
+        }
+    }
+
+    /// One of a known customer's conversations that is open or closed within the reopen
+    /// window, in the order: open ones first, then the latest activity first. The first
+    /// continues; `load` is called for it only.
+    pub fn conversation(
+        &mut self,
+        customer_id: String,
+        open: bool,
+        load: impl FnOnce() -> Result<LoadedConversation, StoreError>,
+    ) -> Result<(), StoreError> {
+        let taken = self.conversations.contains_key(&customer_id);
+        if let Some(customer) = self.customers.get_mut(&customer_id)
+            && (open || !taken)
+        {
+            customer.open_conversations += 1;
+        }
+        if taken {
+            return Ok(()); // an older open one, or a closed one while an open one continues
+        }
+        let loaded = load()?;
+        self.conversations.insert(
+            customer_id,
+            ConversationState {
+                id: loaded.id,
+                channels: loaded.channels,
+                message_count: loaded.message_count,
+                opened_at: loaded.opened_at,
+                agent_id: loaded.agent_id,
+                queue: loaded.queue,
+                is_new: false,
+            },
+        );
+        Ok(())
+    }
+
+    /// How many messages a known customer sent in the 24 hours before now.
+    pub fn recent_contacts(&mut self, customer_id: &str, count: i64) {
+        if let Some(customer) = self.customers.get_mut(customer_id) {
+            customer.recent = u32::try_from(count).unwrap_or(u32::MAX);
+        }
+    }
+
+    /// One of a known customer's latest messages; oldest first.
+    pub fn history(&mut self, customer_id: &str, channel: String, text: String, at_ms: i64) {
+        if let Some(customer) = self.customers.get_mut(customer_id) {
+            customer.history.push_back(HistoryEntry {
+                channel,
+                text,
+                at: rfc3339(at_ms),
+            });
+        }
+    }
+
+    /// Decides every message in order and collects what to write.
+    pub fn decide(mut self, decide: &DecideFn<'_>) -> Result<Decided<'m>, StoreError> {
+        let now_ms = self.now_ms;
+        let history_len = self.history_len;
+        let mut outcomes = Vec::with_capacity(self.messages.len());
+        let mut touched: Vec<String> = Vec::new();
+        let mut new_identities: Vec<(String, String, String)> = Vec::new();
+        let mut rows: Vec<MessageRow<'m>> = Vec::new();
+        let mut decided: HashMap<(String, String), StoredDecision> = HashMap::new();
+        for (position, message) in self.messages.iter().enumerate() {
+            let key = (message.channel.id.clone(), message.external_id.clone());
+            if let Some(stored) = self.existing.get(&key).or_else(|| decided.get(&key)) {
+                outcomes.push(RouteOutcome::Existing(stored.clone()));
+                continue;
+            }
+            // The customer behind the first known identity (the sender's first); a new one if
+            // none is known. The message's unknown identities are linked to that customer; one
+            // that already belongs to another customer stays there (merging is explicit).
+            let identities = &self.identities[position];
+            let customer_id = match identities.iter().find_map(|i| self.by_identity.get(i)) {
+                Some(id) => id.clone(),
+                None => {
+                    let id = Uuid::new_v4().to_string();
+                    self.customers
+                        .insert(id.clone(), CustomerState::new(Map::new(), true));
+                    id
+                }
+            };
+            let Some(customer) = self.customers.get_mut(&customer_id) else {
+                continue; // inserted just above or loaded
+            };
+            for identity in identities {
+                if self.by_identity.contains_key(identity) {
+                    continue;
+                }
+                self.by_identity
+                    .insert(identity.clone(), customer_id.clone());
+                new_identities.push((identity.0.clone(), identity.1.clone(), customer_id.clone()));
+                customer.identities.push(Identity {
+                    kind: identity.0.clone(),
+                    address: identity.1.clone(),
+                });
+            }
+            customer.attributes =
+                merged_attributes(std::mem::take(&mut customer.attributes), message);
+            let conversation = self
+                .conversations
+                .entry(customer_id.clone())
+                .or_insert_with(|| {
+                    customer.open_conversations += 1;
+                    ConversationState {
+                        id: Uuid::new_v4().to_string(),
+                        channels: Vec::new(),
+                        message_count: 0,
+                        opened_at: now_ms,
+                        agent_id: None,
+                        queue: None,
+                        is_new: true,
+                    }
+                });
+            let resolved = Resolved {
+                customer: CustomerView {
+                    id: customer_id.clone(),
+                    attributes: customer.attributes.clone(),
+                    identities: customer.identities.clone(),
+                    contacts_last_24h: customer.recent.saturating_add(1),
+                    open_conversations: customer.open_conversations.max(1),
+                    previous_agent: conversation.agent_id.clone(),
+                    channels_used: with(&conversation.channels, &message.channel.kind),
+                },
+                conversation: ConversationView {
+                    id: conversation.id.clone(),
+                    new: conversation.message_count == 0,
+                    age: (now_ms - conversation.opened_at).max(0) / 1000,
+                    message_count: u32::try_from(conversation.message_count).unwrap_or(u32::MAX),
+                },
+                history: customer.history.iter().cloned().collect(),
+                conversation_opened_at: conversation.opened_at,
+            };
+            let routed = decide(message, &resolved);
+
+            customer.recent = customer.recent.saturating_add(1);
+            if history_len > 0 {
+                if customer.history.len() >= history_len {
+                    customer.history.pop_front();
+                }
+                customer.history.push_back(HistoryEntry {
+                    channel: message.channel.kind.clone(),
+                    text: message.text.clone(),
+                    at: rfc3339(now_ms),
+                });
+            }
+            conversation.message_count += 1;
+            if !conversation.channels.contains(&message.channel.kind) {
+                conversation.channels.push(message.channel.kind.clone());
+            }
+            conversation.queue = Some(routed.queue.clone());
+            if !touched.contains(&customer_id) {
+                touched.push(customer_id.clone());
+            }
+            rows.push(MessageRow {
+                message,
+                conversation_id: conversation.id.clone(),
+                customer_id: customer_id.clone(),
+                envelope: serde_json::to_string(message)?,
+                queue: routed.queue.clone(),
+                urgency: routed.urgency,
+                priority: routed.priority,
+                assignment: routed.assignment.clone(),
+            });
+            let stored = StoredDecision {
+                assignment: routed.assignment.clone(),
+                queue: routed.queue.clone(),
+                priority: routed.priority,
+                published: false,
+            };
+            decided.insert(key, stored);
+            outcomes.push(RouteOutcome::New {
+                queue: routed.queue,
+                priority: routed.priority,
+                assignment: routed.assignment,
+            });
+        }
+
+        let mut writes = Decided {
+            outcomes,
+            new_customers: Vec::new(),
+            seen_customers: Vec::new(),
+            new_identities,
+            new_conversations: Vec::new(),
+            seen_conversations: Vec::new(),
+            messages: rows,
+        };
+        for customer_id in touched {
+            let (Some(customer), Some(conversation)) = (
+                self.customers.get(&customer_id),
+                self.conversations.get(&customer_id),
+            ) else {
+                continue;
+            };
+            let conversation_row = ConversationRow {
+                id: conversation.id.clone(),
+                customer_id: customer_id.clone(),
+                channels: serde_json::to_string(&conversation.channels)?,
+                queue: conversation.queue.clone(),
+                message_count: conversation.message_count,
+                opened_at: conversation.opened_at,
+            };
+            let customer_row = CustomerRow {
+                id: customer_id,
+                attributes: serde_json::to_string(&customer.attributes)?,
+            };
+            if customer.is_new {
+                writes.new_customers.push(customer_row);
+            } else {
+                writes.seen_customers.push(customer_row);
+            }
+            if conversation.is_new {
+                writes.new_conversations.push(conversation_row);
+            } else {
+                writes.seen_conversations.push(conversation_row);
+            }
+        }
+        Ok(writes)
+    }
+}
+
+/// A message's identities, the sender first, then `metadata.identities` (`[{kind, address}]`),
+/// without repeats.
+fn identities_of(message: &NormalizedMessage) -> Vec<(String, String)> {
+    let mut identities = vec![(message.sender.kind.clone(), message.sender.address.clone())];
+    let listed = message
+        .metadata
+        .get("identities")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten();
+    for entry in listed {
+        let (Some(kind), Some(address)) = (
+            entry.get("kind").and_then(Value::as_str),
+            entry.get("address").and_then(Value::as_str),
+        ) else {
+            continue;
+        };
+        let identity = (kind.to_owned(), address.trim().to_owned());
+        if !identity.0.is_empty() && !identity.1.is_empty() && !identities.contains(&identity) {
+            identities.push(identity);
+        }
+    }
+    identities
+}
+
+/// Unix milliseconds → RFC 3339.
+fn rfc3339(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+/// `channels` plus `kind`, if not there yet.
+fn with(channels: &[String], kind: &str) -> Vec<String> {
+    let mut channels = channels.to_vec();
+    if !channels.iter().any(|c| c == kind) {
+        channels.push(kind.to_owned());
+    }
+    channels
+}

@@ -1,0 +1,302 @@
+//! Several nodes: `switchboard run` processes sharing one RabbitMQ (router input partitioned by
+//! sender through the consistent-hash exchange, one active consumer per partition) and one
+//! PostgreSQL store.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::*;
+use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+use sqlx::Connection as _;
+
+const PARTITIONS: u16 = 4;
+const CUSTOMERS: usize = 200;
+const PER_CUSTOMER: usize = 10;
+
+/// A fresh PostgreSQL database for one test, dropped at the end.
+struct Database {
+    admin: String,
+    name: String,
+    url: String,
+}
+
+impl Database {
+    async fn create(test: &str) -> Database {
+        let admin = std::env::var("SWITCHBOARD_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+        let name = format!("sb_{test}_{}", std::process::id());
+        let mut connection = admin_connection(&admin).await;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {name}"
+        )))
+        .execute(&mut connection)
+        .await
+        .expect("drop an old test database");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut connection)
+            .await
+            .expect("create the test database");
+        let base = admin
+            .rsplit_once('/')
+            .map_or(admin.as_str(), |(base, _)| base);
+        let url = format!("{base}/{name}");
+        Database { admin, name, url }
+    }
+
+    async fn drop_now(&self) {
+        if let Ok(mut connection) = sqlx::postgres::PgConnection::connect(&self.admin).await {
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            )))
+            .execute(&mut connection)
+            .await;
+        }
+    }
+}
+
+/// A connection to the maintenance database; a clear failure when PostgreSQL is not there.
+async fn admin_connection(url: &str) -> sqlx::postgres::PgConnection {
+    sqlx::postgres::PgConnection::connect(url)
+        .await
+        .unwrap_or_else(|error| {
+            panic!(
+                "PostgreSQL is needed for this test ({url}: {error}); `.ci/run` starts it, \
+                 or set SWITCHBOARD_TEST_POSTGRES_URL"
+            )
+        })
+}
+
+async fn cleanup_partitioned(prefix: &str) {
+    let connection = rabbit().await;
+    cleanup(&connection, prefix, &["general"]).await;
+    let channel = connection.create_channel().await.expect("channel");
+    for n in 0..PARTITIONS {
+        let _ = channel
+            .queue_delete(
+                format!("{prefix}.router.{n}").as_str().into(),
+                QueueDeleteOptions::default(),
+            )
+            .await;
+    }
+    let _ = channel
+        .exchange_delete(
+            format!("{prefix}.partition").as_str().into(),
+            ExchangeDeleteOptions::default(),
+        )
+        .await;
+}
+
+fn node_config(prefix: &str, rules: &std::path::Path, store: &str) -> DaemonConfig {
+    let mut config = DaemonConfig::new(prefix);
+    config.rules = rules.to_path_buf();
+    config.store_url = Some(store.to_owned());
+    config.bus_extra = format!("partitions = {PARTITIONS}");
+    config
+}
+
+fn assignments_total(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|line| line.starts_with("switchboard_assignments_total"))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// Posts `message` for every customer in `customers`, in sequence order per customer, through
+/// node A or B by customer; once A is gone (`a_down`), everything goes to B. A post A did not
+/// answer is retried on B with the same `message_id`, as a sender would.
+async fn send(
+    nodes: Arc<[String; 2]>,
+    customers: Vec<usize>,
+    sequence: std::ops::Range<usize>,
+    a_down: Arc<AtomicBool>,
+    sent: Arc<AtomicUsize>,
+    pace: Duration,
+) {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client");
+    for seq in sequence {
+        for &customer in &customers {
+            let body = chat(
+                &format!("c{customer}-m{seq}"),
+                &format!("customer-{customer}"),
+                &format!("message {seq} from customer {customer}"),
+            );
+            let mut node = if customer % 2 == 0 && !a_down.load(Ordering::SeqCst) {
+                0
+            } else {
+                1
+            };
+            let mut attempts = 0;
+            loop {
+                attempts += 1;
+                let answer = http
+                    .post(format!("{}/webhooks/chat", nodes[node]))
+                    .header("content-type", "application/json")
+                    .body(body.clone())
+                    .send()
+                    .await;
+                match answer {
+                    Ok(response) if response.status() == 200 => break,
+                    Ok(response) if response.status() == 503 && attempts < 50 => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Ok(response) => panic!("unexpected {} for {body}", response.status()),
+                    Err(_) if node == 0 => node = 1,
+                    Err(error) if attempts < 50 => {
+                        eprintln!("retrying on B: {error}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Err(error) => panic!("B does not answer: {error}"),
+                }
+            }
+            sent.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(pace).await;
+        }
+    }
+}
+
+/// Sends `sequence` for all customers with 20 concurrent senders (10 customers each).
+async fn send_all(
+    nodes: &Arc<[String; 2]>,
+    sequence: std::ops::Range<usize>,
+    a_down: &Arc<AtomicBool>,
+    sent: &Arc<AtomicUsize>,
+    pace: Duration,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..20)
+        .map(|sender| {
+            let customers: Vec<usize> = (0..CUSTOMERS).filter(|c| c % 20 == sender).collect();
+            tokio::spawn(send(
+                nodes.clone(),
+                customers,
+                sequence.clone(),
+                a_down.clone(),
+                sent.clone(),
+                pace,
+            ))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_nodes_share_the_work_and_a_killed_one_loses_and_reorders_nothing() {
+    let prefix = prefix("nodes-two");
+    cleanup_partitioned(&prefix).await;
+    let database = Database::create("two_nodes").await;
+    let rules = tempfile::tempdir().expect("rules dir");
+    write_rules(
+        rules.path(),
+        &[(
+            "10-queues.toml",
+            "[[queue]]\nname = \"general\"\ndefault = true\n",
+        )],
+    );
+
+    let store = database.url.clone();
+    let mut a = Daemon::start(node_config(&prefix, rules.path(), &store)).await;
+    a.wait_ready().await;
+    let b = Daemon::start(node_config(&prefix, rules.path(), &store)).await;
+    b.wait_ready().await;
+    let nodes: Arc<[String; 2]> = Arc::new([a.url(""), b.url("")]);
+    let a_down = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicUsize::new(0));
+
+    // First half, paced over several seconds: A started first and holds every partition;
+    // it hands some to B once it sees a second consumer.
+    let half = PER_CUSTOMER / 2;
+    for sender in send_all(&nodes, 0..half, &a_down, &sent, Duration::from_millis(80)).await {
+        sender.await.expect("sender");
+    }
+    let connection = rabbit().await;
+    let queue = format!("{prefix}.queue.general");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while depth(&connection, &queue).await < CUSTOMERS * half
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let by_a = assignments_total(&a.metrics().await);
+    let by_b = assignments_total(&b.metrics().await);
+    assert_eq!(
+        by_a + by_b,
+        (CUSTOMERS * half) as u64,
+        "A log:\n{}\nB log:\n{}",
+        a.log(),
+        b.log()
+    );
+    assert!(
+        by_a > 0 && by_b > 0,
+        "both nodes routed part of the first half (A {by_a}, B {by_b})\nA log:\n{}\nB log:\n{}",
+        a.log(),
+        b.log()
+    );
+
+    // Second half: A is killed while it runs.
+    let senders = send_all(&nodes, half..PER_CUSTOMER, &a_down, &sent, Duration::ZERO).await;
+    while sent.load(Ordering::SeqCst) < CUSTOMERS * half + 300 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    a.kill9();
+    a_down.store(true, Ordering::SeqCst);
+    for sender in senders {
+        sender.await.expect("sender");
+    }
+
+    let total = CUSTOMERS * PER_CUSTOMER;
+    let assignments = collect(&connection, &queue, total, Duration::from_secs(90)).await;
+    let ids = external_ids(&assignments);
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for id in &ids {
+        *seen.entry(id.as_str()).or_default() += 1;
+    }
+    let doubled: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(doubled.is_empty(), "assigned more than once: {doubled:?}");
+    assert_eq!(
+        seen.len(),
+        total,
+        "every message assigned\nB log:\n{}",
+        b.log()
+    );
+
+    // Per customer, in the order sent.
+    let mut last: HashMap<String, usize> = HashMap::new();
+    for id in &ids {
+        let (customer, seq) = id.split_once("-m").expect("c<customer>-m<seq>");
+        let seq: usize = seq.parse().expect("sequence number");
+        if let Some(previous) = last.insert(customer.to_owned(), seq) {
+            assert!(
+                seq > previous,
+                "{customer}: message {seq} assigned after {previous}\nB log:\n{}",
+                b.log()
+            );
+        }
+    }
+    // One conversation per customer, every message in it.
+    for (_, assignment) in assignments.iter().take(1) {
+        let conversation = assignment["data"]["conversation_id"]
+            .as_str()
+            .expect("conversation id");
+        let response = b
+            .api(
+                reqwest::Method::GET,
+                &format!("/api/v1/conversations/{conversation}"),
+            )
+            .send()
+            .await
+            .expect("conversation");
+        let record: serde_json::Value = response.json().await.expect("JSON");
+        assert_eq!(record["message_count"], PER_CUSTOMER as u64, "{record}");
+    }
+
+    drop(b);
+    cleanup_partitioned(&prefix).await;
+    database.drop_now().await;
+}
