@@ -24,6 +24,8 @@ pub(super) struct Batch<'m> {
     messages: &'m [NormalizedMessage],
     /// Per message: its identities, the sender first (see [`identities_of`]).
     identities: Vec<Vec<(String, String)>>,
+    /// Per message, per identity: the adapter marked it verified (the channel vouches for it).
+    verified: Vec<Vec<bool>>,
     now_ms: i64,
     history_len: usize,
     existing: HashMap<(String, String), StoredDecision>,
@@ -40,8 +42,8 @@ struct CustomerState {
     recent: u32,
     open_conversations: u32,
     is_new: bool,
-    /// Latest messages, oldest first, at most `history_len`.
-    history: VecDeque<HistoryEntry>,
+    /// Latest messages with their time (Unix ms), oldest first, at most `history_len`.
+    history: VecDeque<(i64, HistoryEntry)>,
 }
 
 impl CustomerState {
@@ -89,6 +91,50 @@ pub(super) struct Decided<'m> {
     pub seen_conversations: Vec<ConversationRow>,
     /// One per newly routed message: the message row and its decision row.
     pub messages: Vec<MessageRow<'m>>,
+    /// Customers joined by a verified identity, applied after the writes above, in order.
+    pub merges: Vec<MergeRow>,
+    /// Customers an unverified identity would have joined: recorded for review only.
+    pub suggestions: Vec<MergeRow>,
+}
+
+/// A merge (or a suggestion of one) to apply and audit.
+#[derive(Debug, Clone)]
+pub(super) struct MergeRow {
+    pub id: String,
+    pub into: String,
+    pub from: String,
+    /// The identity that joined them; none for an explicit merge.
+    pub identity: Option<(String, String)>,
+    /// `verified identity`, `unverified identity` or `api`.
+    pub reason: &'static str,
+    /// The conversation the survivor continues: `from`'s other open conversations close.
+    pub keep_conversation: Option<String>,
+    /// JSON object: what moved and the attribute conflicts.
+    pub detail: Value,
+}
+
+/// `from`'s attributes under `into`'s: on a conflict the survivor's value stays. Returns the
+/// conflicting keys with both values.
+pub(super) fn fold_attributes(
+    into: &mut Map<String, Value>,
+    from: &Map<String, Value>,
+) -> Map<String, Value> {
+    let mut conflicts = Map::new();
+    for (key, value) in from {
+        match into.get(key) {
+            None => {
+                into.insert(key.clone(), value.clone());
+            }
+            Some(kept) if kept != value => {
+                conflicts.insert(
+                    key.clone(),
+                    serde_json::json!({"kept": kept, "dropped": value}),
+                );
+            }
+            Some(_) => {}
+        }
+    }
+    conflicts
 }
 
 /// A customer to insert or update.
@@ -126,9 +172,14 @@ pub(super) struct MessageRow<'m> {
 
 impl<'m> Batch<'m> {
     pub fn new(messages: &'m [NormalizedMessage], now_ms: i64, history_len: usize) -> Self {
+        let (identities, verified) = messages
+            .iter()
+            .map(|message| identities_of(message).into_iter().unzip())
+            .unzip();
         Self {
             messages,
-            identities: messages.iter().map(identities_of).collect(),
+            identities,
+            verified,
             now_ms,
             history_len,
             existing: HashMap::new(),
@@ -219,11 +270,14 @@ impl<'m> Batch<'m> {
     /// One of a known customer's latest messages; oldest first.
     pub fn history(&mut self, customer_id: &str, channel: String, text: String, at_ms: i64) {
         if let Some(customer) = self.customers.get_mut(customer_id) {
-            customer.history.push_back(HistoryEntry {
-                channel,
-                text,
-                at: rfc3339(at_ms),
-            });
+            customer.history.push_back((
+                at_ms,
+                HistoryEntry {
+                    channel,
+                    text,
+                    at: rfc3339(at_ms),
+                },
+            ));
         }
     }
 
@@ -236,6 +290,8 @@ impl<'m> Batch<'m> {
         let mut new_identities: Vec<(String, String, String)> = Vec::new();
         let mut rows: Vec<MessageRow<'m>> = Vec::new();
         let mut decided: HashMap<(String, String), StoredDecision> = HashMap::new();
+        let mut merges: Vec<MergeRow> = Vec::new();
+        let mut suggestions: Vec<MergeRow> = Vec::new();
         for (position, message) in self.messages.iter().enumerate() {
             let key = (message.channel.id.clone(), message.external_id.clone());
             if let Some(stored) = self.existing.get(&key).or_else(|| decided.get(&key)) {
@@ -245,7 +301,7 @@ impl<'m> Batch<'m> {
             // The customer behind the first known identity (the sender's first); a new one if
             // none is known. The message's unknown identities are linked to that customer; one
             // that already belongs to another customer stays there (merging is explicit).
-            let identities = &self.identities[position];
+            let identities = self.identities[position].clone();
             let customer_id = match identities.iter().find_map(|i| self.by_identity.get(i)) {
                 Some(id) => id.clone(),
                 None => {
@@ -255,21 +311,43 @@ impl<'m> Batch<'m> {
                     id
                 }
             };
+            // An identity of another customer joins the two only when the adapter marked it
+            // verified; otherwise it stays there and a suggestion is recorded for review.
+            for (index, identity) in identities.iter().enumerate() {
+                match self.by_identity.get(identity) {
+                    Some(owner) if *owner == customer_id => {}
+                    Some(owner) => {
+                        let owner = owner.clone();
+                        if self.verified[position][index] {
+                            merges.push(self.absorb(&customer_id, &owner, identity));
+                        } else if !suggestions.iter().any(|s| {
+                            s.into == customer_id
+                                && s.from == owner
+                                && s.identity.as_ref() == Some(identity)
+                        }) {
+                            suggestions.push(suggestion(&customer_id, &owner, identity));
+                        }
+                    }
+                    None => {
+                        self.by_identity
+                            .insert(identity.clone(), customer_id.clone());
+                        new_identities.push((
+                            identity.0.clone(),
+                            identity.1.clone(),
+                            customer_id.clone(),
+                        ));
+                        if let Some(customer) = self.customers.get_mut(&customer_id) {
+                            customer.identities.push(Identity {
+                                kind: identity.0.clone(),
+                                address: identity.1.clone(),
+                            });
+                        }
+                    }
+                }
+            }
             let Some(customer) = self.customers.get_mut(&customer_id) else {
                 continue; // inserted just above or loaded
             };
-            for identity in identities {
-                if self.by_identity.contains_key(identity) {
-                    continue;
-                }
-                self.by_identity
-                    .insert(identity.clone(), customer_id.clone());
-                new_identities.push((identity.0.clone(), identity.1.clone(), customer_id.clone()));
-                customer.identities.push(Identity {
-                    kind: identity.0.clone(),
-                    address: identity.1.clone(),
-                });
-            }
             customer.attributes =
                 merged_attributes(std::mem::take(&mut customer.attributes), message);
             let conversation = self
@@ -303,7 +381,7 @@ impl<'m> Batch<'m> {
                     age: (now_ms - conversation.opened_at).max(0) / 1000,
                     message_count: u32::try_from(conversation.message_count).unwrap_or(u32::MAX),
                 },
-                history: customer.history.iter().cloned().collect(),
+                history: customer.history.iter().map(|(_, e)| e.clone()).collect(),
                 conversation_opened_at: conversation.opened_at,
             };
             let routed = decide(message, &resolved);
@@ -313,11 +391,14 @@ impl<'m> Batch<'m> {
                 if customer.history.len() >= history_len {
                     customer.history.pop_front();
                 }
-                customer.history.push_back(HistoryEntry {
-                    channel: message.channel.kind.clone(),
-                    text: message.text.clone(),
-                    at: rfc3339(now_ms),
-                });
+                customer.history.push_back((
+                    now_ms,
+                    HistoryEntry {
+                        channel: message.channel.kind.clone(),
+                        text: message.text.clone(),
+                        at: rfc3339(now_ms),
+                    },
+                ));
             }
             conversation.message_count += 1;
             if !conversation.channels.contains(&message.channel.kind) {
@@ -359,45 +440,170 @@ impl<'m> Batch<'m> {
             new_conversations: Vec::new(),
             seen_conversations: Vec::new(),
             messages: rows,
+            merges,
+            suggestions,
         };
         for customer_id in touched {
-            let (Some(customer), Some(conversation)) = (
-                self.customers.get(&customer_id),
-                self.conversations.get(&customer_id),
-            ) else {
-                continue;
-            };
-            let conversation_row = ConversationRow {
-                id: conversation.id.clone(),
-                customer_id: customer_id.clone(),
-                channels: serde_json::to_string(&conversation.channels)?,
-                queue: conversation.queue.clone(),
-                message_count: conversation.message_count,
-                opened_at: conversation.opened_at,
-            };
-            let customer_row = CustomerRow {
-                id: customer_id,
-                attributes: serde_json::to_string(&customer.attributes)?,
-            };
-            if customer.is_new {
-                writes.new_customers.push(customer_row);
-            } else {
-                writes.seen_customers.push(customer_row);
+            // A customer merged into another in this batch may have handed its conversation
+            // over: its row is still written (earlier messages refer to it).
+            if let Some(customer) = self.customers.get(&customer_id) {
+                let customer_row = CustomerRow {
+                    id: customer_id.clone(),
+                    attributes: serde_json::to_string(&customer.attributes)?,
+                };
+                if customer.is_new {
+                    writes.new_customers.push(customer_row);
+                } else {
+                    writes.seen_customers.push(customer_row);
+                }
             }
-            if conversation.is_new {
-                writes.new_conversations.push(conversation_row);
-            } else {
-                writes.seen_conversations.push(conversation_row);
+            if let Some(conversation) = self.conversations.get(&customer_id) {
+                let conversation_row = ConversationRow {
+                    id: conversation.id.clone(),
+                    customer_id: customer_id.clone(),
+                    channels: serde_json::to_string(&conversation.channels)?,
+                    queue: conversation.queue.clone(),
+                    message_count: conversation.message_count,
+                    opened_at: conversation.opened_at,
+                };
+                if conversation.is_new {
+                    writes.new_conversations.push(conversation_row);
+                } else {
+                    writes.seen_conversations.push(conversation_row);
+                }
             }
         }
         Ok(writes)
     }
+
+    /// Folds customer `from` into `into` for the rest of the batch: its identities, attributes
+    /// (the survivor's win), contacts and history join the survivor's; its conversation
+    /// continues as the survivor's if the survivor has none. `from`'s own state stays, to be
+    /// written; the returned row moves it in the store afterwards.
+    fn absorb(&mut self, into: &str, from: &str, identity: &(String, String)) -> MergeRow {
+        for owner in self.by_identity.values_mut() {
+            if owner == from {
+                *owner = into.to_owned();
+            }
+        }
+        let (identities, attributes, recent, history, open) = match self.customers.get(from) {
+            Some(absorbed) => (
+                absorbed.identities.clone(),
+                absorbed.attributes.clone(),
+                absorbed.recent,
+                absorbed.history.clone(),
+                absorbed.open_conversations,
+            ),
+            None => Default::default(),
+        };
+        let moved = !self.conversations.contains_key(into) && self.conversations.contains_key(from);
+        if moved && let Some(conversation) = self.conversations.remove(from) {
+            self.conversations.insert(into.to_owned(), conversation);
+        }
+        let keep_conversation = self.conversations.get(into).map(|c| c.id.clone());
+        let mut conflicts = Map::new();
+        if let Some(survivor) = self.customers.get_mut(into) {
+            for identity in &identities {
+                if !survivor.identities.contains(identity) {
+                    survivor.identities.push(identity.clone());
+                }
+            }
+            conflicts = fold_attributes(&mut survivor.attributes, &attributes);
+            survivor.recent = survivor.recent.saturating_add(recent);
+            if moved {
+                survivor.open_conversations += open;
+            }
+            let mut joined: Vec<(i64, HistoryEntry)> =
+                survivor.history.drain(..).chain(history).collect();
+            joined.sort_by_key(|(at, _)| *at);
+            let skip = joined.len().saturating_sub(self.history_len);
+            survivor.history = joined.into_iter().skip(skip).collect();
+        }
+        MergeRow {
+            id: Uuid::new_v4().to_string(),
+            into: into.to_owned(),
+            from: from.to_owned(),
+            identity: Some(identity.clone()),
+            reason: "verified identity",
+            keep_conversation,
+            detail: serde_json::json!({
+                "identities": identities,
+                "attribute_conflicts": conflicts,
+            }),
+        }
+    }
 }
 
-/// A message's identities, the sender first, then `metadata.identities` (`[{kind, address}]`),
-/// without repeats.
-fn identities_of(message: &NormalizedMessage) -> Vec<(String, String)> {
-    let mut identities = vec![(message.sender.kind.clone(), message.sender.address.clone())];
+/// The audit row of an explicit (API) merge of `from` into `into`, whose attributes take
+/// `from`'s where they have none.
+pub(super) fn explicit_merge(
+    into: &str,
+    from: &str,
+    into_attributes: &mut Map<String, Value>,
+    from_attributes: &Map<String, Value>,
+    from_identities: &[Identity],
+    keep_conversation: Option<String>,
+) -> MergeRow {
+    let conflicts = fold_attributes(into_attributes, from_attributes);
+    MergeRow {
+        id: Uuid::new_v4().to_string(),
+        into: into.to_owned(),
+        from: from.to_owned(),
+        identity: None,
+        reason: "api",
+        keep_conversation,
+        detail: serde_json::json!({
+            "identities": from_identities,
+            "attribute_conflicts": conflicts,
+        }),
+    }
+}
+
+/// One entry of a customer's merge history as the API shows it.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn merge_entry(
+    id: String,
+    status: String,
+    into: String,
+    from: String,
+    identity: Option<(String, String)>,
+    reason: String,
+    detail: Value,
+    created_at: i64,
+) -> Value {
+    serde_json::json!({
+        "id": id,
+        "status": status,
+        "into_customer": into,
+        "from_customer": from,
+        "identity": identity.map(|(kind, address)| serde_json::json!({"kind": kind, "address": address})),
+        "reason": reason,
+        "detail": detail,
+        "created_at": created_at,
+    })
+}
+
+/// The review suggestion for an unverified identity of `from` seen with customer `into`.
+fn suggestion(into: &str, from: &str, identity: &(String, String)) -> MergeRow {
+    MergeRow {
+        id: Uuid::new_v4().to_string(),
+        into: into.to_owned(),
+        from: from.to_owned(),
+        identity: Some(identity.clone()),
+        reason: "unverified identity",
+        keep_conversation: None,
+        detail: Value::Object(Map::new()),
+    }
+}
+
+/// A message's identities, the sender first, then `metadata.identities`
+/// (`[{kind, address, verified?}]`), without repeats; with whether each is verified (the
+/// sender never counts as a verified link to someone else).
+fn identities_of(message: &NormalizedMessage) -> Vec<((String, String), bool)> {
+    let mut identities = vec![(
+        (message.sender.kind.clone(), message.sender.address.clone()),
+        false,
+    )];
     let listed = message
         .metadata
         .get("identities")
@@ -412,8 +618,12 @@ fn identities_of(message: &NormalizedMessage) -> Vec<(String, String)> {
             continue;
         };
         let identity = (kind.to_owned(), address.trim().to_owned());
-        if !identity.0.is_empty() && !identity.1.is_empty() && !identities.contains(&identity) {
-            identities.push(identity);
+        let verified = entry.get("verified").and_then(Value::as_bool) == Some(true);
+        if !identity.0.is_empty()
+            && !identity.1.is_empty()
+            && !identities.iter().any(|(known, _)| *known == identity)
+        {
+            identities.push((identity, verified));
         }
     }
     identities

@@ -29,6 +29,8 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("store query failed: {0}")]
     Query(#[from] sqlx::Error),
+    #[error("the batch met a concurrent merge; retried: {0}")]
+    Retry(String),
     #[error("stored JSON is corrupt: {0}")]
     Corrupt(#[from] serde_json::Error),
     #[error("unsupported store URL `{0}`: use sqlite://PATH, postgres://… or postgresql://…")]
@@ -127,6 +129,33 @@ pub struct ConversationRecord {
     pub decisions: Vec<Value>,
 }
 
+/// What [`Store::merge`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MergeOutcome {
+    /// Merged: the survivor as it is now, and the audit entry's id.
+    Merged {
+        customer: CustomerRecord,
+        merge_id: String,
+    },
+    /// No customer with this id.
+    Unknown(String),
+    /// Both ids name the same customer.
+    Same,
+    /// `from` was merged before, into this customer.
+    AlreadyMerged { into: String },
+}
+
+/// What [`Store::link_identity`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LinkOutcome {
+    /// The identity belongs to the customer now (or already did).
+    Linked(CustomerRecord),
+    /// No customer with this id.
+    UnknownCustomer,
+    /// Another customer has the identity: merge them explicitly if they are one person.
+    Taken { customer_id: String },
+}
+
 /// The router's decision step: pure, called inside the store transaction.
 pub type DecideFn<'a> = dyn Fn(&NormalizedMessage, &Resolved) -> Routed + Send + Sync + 'a;
 
@@ -181,6 +210,24 @@ pub trait Store: Send + Sync + 'static {
         id: &str,
         now_ms: i64,
     ) -> Result<Option<ConversationRecord>, StoreError>;
+
+    /// Merges customer `from` into `into` (explicitly, from the API): `from`'s identities,
+    /// conversations and messages move to `into`, its attributes fill the keys `into` lacks
+    /// (on a conflict `into`'s value stays), its open conversation closes if `into` has one, and
+    /// the merge is audited. One transaction.
+    async fn merge(&self, into: &str, from: &str, now_ms: i64) -> Result<MergeOutcome, StoreError>;
+
+    /// Links the identity `(kind, address)` (normalized by the caller) to a customer.
+    async fn link_identity(
+        &self,
+        customer_id: &str,
+        kind: &str,
+        address: &str,
+        now_ms: i64,
+    ) -> Result<LinkOutcome, StoreError>;
+
+    /// The merges and open merge suggestions involving a customer, oldest first.
+    async fn merges(&self, customer_id: &str) -> Result<Vec<Value>, StoreError>;
 
     /// Cheap liveness query for `/readyz`.
     async fn ping(&self) -> Result<(), StoreError>;

@@ -31,9 +31,10 @@ use sqlx::types::Json;
 use sqlx::{Connection as _, PgConnection, Row as _};
 use switchboard_channel::NormalizedMessage;
 
-use super::batch::{Batch, DAY_MS, LoadedConversation};
+use super::batch::{Batch, DAY_MS, LoadedConversation, MergeRow, explicit_merge, merge_entry};
 use super::{
-    ConversationRecord, CustomerRecord, DecideFn, RouteOutcome, Store, StoreError, StoredDecision,
+    ConversationRecord, CustomerRecord, DecideFn, LinkOutcome, MergeOutcome, RouteOutcome, Store,
+    StoreError, StoredDecision,
 };
 use crate::router::decide::Identity;
 
@@ -195,6 +196,11 @@ impl Store for PgStore {
         patch: &Map<String, Value>,
     ) -> Result<Option<CustomerRecord>, StoreError> {
         let mut tx = self.pool.begin().await?;
+        let Some(id) = survivor_of(&mut tx, id).await? else {
+            tx.rollback().await?;
+            return Ok(None);
+        };
+        let id = id.as_str();
         // Row-locked like the router's batches lock the customers they load: no lost update.
         let Some(Json(mut attributes)) = sqlx::query_scalar::<_, Json<Map<String, Value>>>(
             "SELECT attributes FROM customers WHERE id = $1 FOR NO KEY UPDATE",
@@ -248,6 +254,147 @@ impl Store for PgStore {
         Ok(record)
     }
 
+    async fn merge(&self, into: &str, from: &str, now_ms: i64) -> Result<MergeOutcome, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let Some(into) = survivor_of(&mut tx, into).await? else {
+            return Ok(MergeOutcome::Unknown(into.to_owned()));
+        };
+        // Both rows locked, in id order like the router's batches lock customers.
+        let mut ids = [into.clone(), from.to_owned()];
+        ids.sort();
+        let locked = sqlx::query(
+            "SELECT id, merged_into FROM customers WHERE id = ANY($1) ORDER BY id
+             FOR NO KEY UPDATE",
+        )
+        .bind(&ids[..])
+        .fetch_all(&mut *tx)
+        .await?;
+        let Some(absorbed) = locked.iter().find(|r| r.get::<&str, _>("id") == from) else {
+            return Ok(MergeOutcome::Unknown(from.to_owned()));
+        };
+        if let Some(merged_into) = absorbed.get::<Option<String>, _>("merged_into") {
+            return Ok(MergeOutcome::AlreadyMerged { into: merged_into });
+        }
+        if into == from {
+            return Ok(MergeOutcome::Same);
+        }
+        let (Some(survivor), Some(absorbed)) = (
+            customer(&mut tx, &into).await?,
+            customer(&mut tx, from).await?,
+        ) else {
+            return Ok(MergeOutcome::Unknown(from.to_owned()));
+        };
+        // The survivor's open conversation continues; else the absorbed one's.
+        let keep: Option<String> = sqlx::query_scalar(
+            "SELECT id FROM conversations WHERE customer_id IN ($1, $2) AND status = 'open'
+             ORDER BY customer_id = $1 DESC, last_activity_at DESC LIMIT 1",
+        )
+        .bind(&into)
+        .bind(from)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let mut attributes = survivor.attributes;
+        let row = explicit_merge(
+            &into,
+            from,
+            &mut attributes,
+            &absorbed.attributes,
+            &absorbed.identities,
+            keep,
+        );
+        sqlx::query("UPDATE customers SET attributes = $1::jsonb WHERE id = $2")
+            .bind(serde_json::to_string(&attributes)?)
+            .bind(&into)
+            .execute(&mut *tx)
+            .await?;
+        apply_merge(&mut tx, &row, now_ms).await?;
+        let customer = customer(&mut tx, &into).await?;
+        tx.commit().await?;
+        Ok(match customer {
+            Some(customer) => MergeOutcome::Merged {
+                customer,
+                merge_id: row.id,
+            },
+            None => MergeOutcome::Unknown(into),
+        })
+    }
+
+    async fn link_identity(
+        &self,
+        customer_id: &str,
+        kind: &str,
+        address: &str,
+        now_ms: i64,
+    ) -> Result<LinkOutcome, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // The same lock a router batch takes for this identity.
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(lock_key("identity", kind, address))
+            .execute(&mut *tx)
+            .await?;
+        let Some(customer_id) = survivor_of(&mut tx, customer_id).await? else {
+            return Ok(LinkOutcome::UnknownCustomer);
+        };
+        let owner: Option<String> = sqlx::query_scalar(
+            "SELECT customer_id FROM identities WHERE kind = $1 AND address = $2",
+        )
+        .bind(kind)
+        .bind(address)
+        .fetch_optional(&mut *tx)
+        .await?;
+        match owner {
+            Some(owner) if owner != customer_id => {
+                return Ok(LinkOutcome::Taken { customer_id: owner });
+            }
+            Some(_) => {}
+            None => {
+                sqlx::query(
+                    "INSERT INTO identities (kind, address, customer_id, verified, created_at)
+                     VALUES ($1, $2, $3, true, $4)",
+                )
+                .bind(kind)
+                .bind(address)
+                .bind(&customer_id)
+                .bind(now_ms)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        let record = customer(&mut tx, &customer_id).await?;
+        tx.commit().await?;
+        Ok(record.map_or(LinkOutcome::UnknownCustomer, LinkOutcome::Linked))
+    }
+
+    async fn merges(&self, customer_id: &str) -> Result<Vec<Value>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, status, into_customer, from_customer, identity_kind, identity_address,
+                    reason, detail, created_at
+             FROM merges WHERE into_customer = $1 OR from_customer = $1
+             ORDER BY created_at, id",
+        )
+        .bind(customer_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let identity = match (row.get("identity_kind"), row.get("identity_address")) {
+                    (Some(kind), Some(address)) => Some((kind, address)),
+                    _ => None,
+                };
+                Ok(merge_entry(
+                    row.get("id"),
+                    row.get("status"),
+                    row.get("into_customer"),
+                    row.get("from_customer"),
+                    identity,
+                    row.get("reason"),
+                    row.try_get::<Json<Value>, _>("detail")?.0,
+                    row.get("created_at"),
+                ))
+            })
+            .collect()
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
@@ -258,10 +405,95 @@ impl Store for PgStore {
     }
 }
 
+/// The customer `id` names: itself, or the one it was merged into.
+async fn survivor_of(
+    connection: &mut PgConnection,
+    id: &str,
+) -> Result<Option<String>, StoreError> {
+    Ok(
+        sqlx::query_scalar("SELECT coalesce(merged_into, id) FROM customers WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&mut *connection)
+            .await?,
+    )
+}
+
+/// Moves customer `row.from`'s identities, conversations (closing its open ones but the one
+/// kept) and messages to `row.into`, leaves a tombstone, drops the pair's open suggestions and
+/// audits the merge.
+async fn apply_merge(
+    connection: &mut PgConnection,
+    row: &MergeRow,
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE conversations SET customer_id = $1,
+                closed_at = CASE WHEN status = 'open' AND id IS DISTINCT FROM $3
+                                 THEN $4 ELSE closed_at END,
+                status = CASE WHEN status = 'open' AND id IS DISTINCT FROM $3
+                              THEN 'closed' ELSE status END
+         WHERE customer_id = $2",
+    )
+    .bind(&row.into)
+    .bind(&row.from)
+    .bind(&row.keep_conversation)
+    .bind(now_ms)
+    .execute(&mut *connection)
+    .await?;
+    for statement in [
+        "UPDATE identities SET customer_id = $1 WHERE customer_id = $2",
+        "UPDATE messages SET customer_id = $1 WHERE customer_id = $2",
+        "UPDATE customers SET merged_into = $1 WHERE id = $2 OR merged_into = $2",
+        "DELETE FROM merges WHERE status = 'suggested'
+           AND ((into_customer = $1 AND from_customer = $2)
+             OR (into_customer = $2 AND from_customer = $1))",
+    ] {
+        sqlx::query(statement)
+            .bind(&row.into)
+            .bind(&row.from)
+            .execute(&mut *connection)
+            .await?;
+    }
+    record_merges(connection, std::slice::from_ref(row), "merged", now_ms).await
+}
+
+/// Audit rows; a suggestion already open for the same pair and identity is kept as it is.
+async fn record_merges(
+    connection: &mut PgConnection,
+    rows: &[MergeRow],
+    status: &str,
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    for row in rows {
+        let (kind, address) = row.identity.clone().unzip();
+        sqlx::query(
+            "INSERT INTO merges (id, status, into_customer, from_customer, identity_kind,
+                                 identity_address, reason, detail, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9) ON CONFLICT DO NOTHING",
+        )
+        .bind(&row.id)
+        .bind(status)
+        .bind(&row.into)
+        .bind(&row.from)
+        .bind(kind)
+        .bind(address)
+        .bind(row.reason)
+        .bind(row.detail.to_string())
+        .bind(now_ms)
+        .execute(&mut *connection)
+        .await?;
+    }
+    Ok(())
+}
+
 async fn customer(
     connection: &mut PgConnection,
     id: &str,
 ) -> Result<Option<CustomerRecord>, StoreError> {
+    let Some(id) = survivor_of(connection, id).await? else {
+        return Ok(None);
+    };
+    let id = id.as_str();
     let Some(row) =
         sqlx::query("SELECT id, attributes, created_at, last_seen_at FROM customers WHERE id = $1")
             .bind(id)
@@ -413,7 +645,7 @@ async fn route_in(
 
     let (kinds, addresses): (Vec<String>, Vec<String>) = batch.identities().cloned().unzip();
     for row in sqlx::query(
-        "SELECT i.kind, i.address, c.id, c.attributes
+        "SELECT i.kind, i.address, c.id, c.attributes, c.merged_into
          FROM unnest($1::text[], $2::text[]) AS j(kind, address)
          JOIN identities i ON i.kind = j.kind AND i.address = j.address
          JOIN customers c ON c.id = i.customer_id
@@ -425,6 +657,14 @@ async fn route_in(
     .fetch_all(&mut *connection)
     .await?
     {
+        // The customer row was locked after the identity was read: a merge committed in
+        // between moved the identity. Give the batch back to be retried on fresh reads.
+        if let Some(survivor) = row.get::<Option<String>, _>("merged_into") {
+            return Err(StoreError::Retry(format!(
+                "customer {} was merged into {survivor}",
+                row.get::<&str, _>("id")
+            )));
+        }
         batch.known_identity((row.get("kind"), row.get("address")), row.get("id"), || {
             Ok(row.try_get::<Json<_>, _>("attributes")?.0)
         })?;
@@ -635,6 +875,10 @@ async fn route_in(
     .bind(now_ms)
     .execute(&mut *connection)
     .await?;
+    for merge in &decided.merges {
+        apply_merge(connection, merge, now_ms).await?;
+    }
+    record_merges(connection, &decided.suggestions, "suggested", now_ms).await?;
     Ok(decided.outcomes)
 }
 

@@ -62,6 +62,10 @@ on_both_backends!(
     listed_identities_link_to_the_senders_customer_but_never_move,
     a_conversation_shows_its_messages_and_decisions,
     two_nodes_racing_agree_on_new_customers_and_duplicates,
+    a_verified_identity_merges_two_customers,
+    an_unverified_identity_only_suggests_a_merge,
+    an_explicit_merge_moves_everything_and_is_audited,
+    linking_an_identity_refuses_another_customers,
 );
 
 /// One test's store, and the place it lives in (removed when dropped, after the store).
@@ -826,4 +830,240 @@ fn label(ids: &mut Vec<String>, id: &str) -> String {
         ids.len() - 1
     });
     format!("id-{position}")
+}
+
+/// A message from `sender` listing `email` as its customer's, verified or not.
+fn with_email(id: &str, sender: &str, email: &str, verified: bool) -> NormalizedMessage {
+    let mut m = message(id, sender, "webchat");
+    m.metadata.insert(
+        "identities".into(),
+        json!([{"kind": "email", "address": email, "verified": verified}]),
+    );
+    m
+}
+
+async fn a_verified_identity_merges_two_customers(backend: Backend) {
+    let store = TestStore::open(backend).await;
+    // Dana by email (with a plan), then as an anonymous chat visitor (with a tier).
+    let mut first = message("m-1", "dana@example.com", "email");
+    first.sender.kind = "email".into();
+    first
+        .metadata
+        .insert("attributes".into(), json!({"plan": "pro", "tier": "gold"}));
+    let (_, seen) = route(&store, &[first], 1_000).await;
+    let dana = seen[0].customer.id.clone();
+    let dana_conversation = seen[0].conversation.id.clone();
+    let mut second = message("m-2", "visitor-9", "webchat");
+    second.metadata.insert(
+        "attributes".into(),
+        json!({"tier": "silver", "locale": "de"}),
+    );
+    let (_, seen) = route(&store, &[second], 2_000).await;
+    let visitor = seen[0].customer.id.clone();
+    assert_ne!(dana, visitor);
+
+    // The visitor logs in: the site vouches for the email. One customer from now on.
+    let (_, seen) = route(
+        &store,
+        &[with_email("m-3", "visitor-9", "dana@example.com", true)],
+        3_000,
+    )
+    .await;
+    let merged = &seen[0];
+    assert_eq!(
+        merged.customer.id, visitor,
+        "the sender's customer survives"
+    );
+    let identities: Vec<_> = merged
+        .customer
+        .identities
+        .iter()
+        .map(|i| i.address.as_str())
+        .collect();
+    assert!(identities.contains(&"dana@example.com") && identities.contains(&"visitor-9"));
+    assert_eq!(merged.customer.attributes["plan"], "pro", "gaps filled");
+    assert_eq!(
+        merged.customer.attributes["tier"], "silver",
+        "the survivor wins a conflict"
+    );
+    assert_eq!(merged.customer.contacts_last_24h, 3);
+    let texts: Vec<_> = merged.history.iter().map(|h| h.channel.as_str()).collect();
+    assert_eq!(
+        texts,
+        ["email", "webchat"],
+        "both customers' messages, oldest first"
+    );
+
+    // Both ids now lead to one record; the email writes into the same conversation.
+    let via_old = store.customer(&dana).await.unwrap().unwrap();
+    assert_eq!(via_old.id, visitor);
+    let (_, seen) = route(
+        &store,
+        &[{
+            let mut m = message("m-4", "dana@example.com", "email");
+            m.sender.kind = "email".into();
+            m
+        }],
+        4_000,
+    )
+    .await;
+    assert_eq!(seen[0].customer.id, visitor);
+    assert_eq!(seen[0].conversation.id, merged.conversation.id);
+    let audit = store.merges(&visitor).await.unwrap();
+    assert_eq!(audit.len(), 1, "{audit:?}");
+    assert_eq!(audit[0]["status"], "merged");
+    assert_eq!(audit[0]["reason"], "verified identity");
+    assert_eq!(audit[0]["from_customer"], dana.as_str());
+    assert_eq!(audit[0]["identity"]["address"], "dana@example.com");
+    assert_eq!(
+        audit[0]["detail"]["attribute_conflicts"]["tier"]["dropped"],
+        "gold"
+    );
+    // Dana's old conversation was closed and moved; its message is the survivor's now.
+    assert_ne!(dana_conversation, merged.conversation.id);
+    let old = store
+        .conversation(&dana_conversation)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(old.customer_id, visitor);
+    assert_eq!(old.status, "closed");
+}
+
+async fn an_unverified_identity_only_suggests_a_merge(backend: Backend) {
+    let store = TestStore::open(backend).await;
+    let (_, seen) = route(
+        &store,
+        &[with_email("m-1", "visitor-a", "a@example.com", false)],
+        1_000,
+    )
+    .await;
+    let a = seen[0].customer.id.clone();
+    let (_, seen) = route(&store, &[message("m-2", "visitor-b", "webchat")], 2_000).await;
+    let b = seen[0].customer.id.clone();
+    // b types a's email, unverified, twice: one suggestion, nothing moves.
+    for (id, at) in [("m-3", 3_000), ("m-4", 4_000)] {
+        let (_, seen) = route(
+            &store,
+            &[with_email(id, "visitor-b", "a@example.com", false)],
+            at,
+        )
+        .await;
+        assert_eq!(seen[0].customer.id, b);
+    }
+    let owner = store
+        .customer_by_identity("email", "a@example.com")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(owner.id, a, "the email stays with a");
+    let suggestions = store.merges(&b).await.unwrap();
+    assert_eq!(suggestions.len(), 1, "{suggestions:?}");
+    assert_eq!(suggestions[0]["status"], "suggested");
+    assert_eq!(suggestions[0]["reason"], "unverified identity");
+    assert_eq!(suggestions[0]["into_customer"], b.as_str());
+    assert_eq!(suggestions[0]["from_customer"], a.as_str());
+    assert_eq!(store.merges(&a).await.unwrap(), suggestions);
+}
+
+async fn an_explicit_merge_moves_everything_and_is_audited(backend: Backend) {
+    let store = TestStore::open(backend).await;
+    let mut first = message("m-1", "visitor-a", "webchat");
+    first
+        .metadata
+        .insert("attributes".into(), json!({"tier": "gold"}));
+    let (_, seen) = route(&store, &[first], 1_000).await;
+    let a = seen[0].customer.id.clone();
+    let a_conversation = seen[0].conversation.id.clone();
+    let (_, seen) = route(&store, &[message("m-2", "visitor-b", "webchat")], 2_000).await;
+    let b = seen[0].customer.id.clone();
+    let b_conversation = seen[0].conversation.id.clone();
+
+    assert_eq!(
+        store.merge(&a, &a, 3_000).await.unwrap(),
+        MergeOutcome::Same
+    );
+    assert_eq!(
+        store.merge(&a, "nobody", 3_000).await.unwrap(),
+        MergeOutcome::Unknown("nobody".into())
+    );
+    let MergeOutcome::Merged { customer, merge_id } = store.merge(&a, &b, 3_000).await.unwrap()
+    else {
+        panic!("merged");
+    };
+    assert_eq!(customer.id, a);
+    assert_eq!(customer.attributes["tier"], "gold");
+    assert_eq!(customer.identities.len(), 2);
+    assert_eq!(
+        store.merge(&a, &b, 4_000).await.unwrap(),
+        MergeOutcome::AlreadyMerged { into: a.clone() }
+    );
+    // a's conversation continues; b's is closed and a's now.
+    let kept = store.conversation(&a_conversation).await.unwrap().unwrap();
+    assert_eq!(kept.status, "open");
+    let closed = store.conversation(&b_conversation).await.unwrap().unwrap();
+    assert_eq!(
+        (closed.customer_id.as_str(), closed.status.as_str()),
+        (a.as_str(), "closed")
+    );
+    // b's next message lands in a's conversation, with both histories.
+    let (_, seen) = route(&store, &[message("m-3", "visitor-b", "webchat")], 5_000).await;
+    assert_eq!(seen[0].customer.id, a);
+    assert_eq!(seen[0].conversation.id, a_conversation);
+    assert_eq!(seen[0].history.len(), 2);
+    let audit = store.merges(&b).await.unwrap();
+    assert_eq!(audit.len(), 1);
+    assert_eq!(audit[0]["id"], merge_id.as_str());
+    assert_eq!(audit[0]["reason"], "api");
+    assert_eq!(audit[0]["detail"]["identities"][0]["address"], "visitor-b");
+}
+
+async fn linking_an_identity_refuses_another_customers(backend: Backend) {
+    let store = TestStore::open(backend).await;
+    let (_, seen) = route(&store, &[message("m-1", "visitor-a", "webchat")], 1_000).await;
+    let a = seen[0].customer.id.clone();
+    let (_, seen) = route(&store, &[message("m-2", "visitor-b", "webchat")], 2_000).await;
+    let b = seen[0].customer.id.clone();
+    let LinkOutcome::Linked(record) = store
+        .link_identity(&a, "email", "a@example.com", 3_000)
+        .await
+        .unwrap()
+    else {
+        panic!("linked");
+    };
+    assert!(
+        record
+            .identities
+            .iter()
+            .any(|i| i.address == "a@example.com")
+    );
+    // Again: nothing changes.
+    assert!(matches!(
+        store
+            .link_identity(&a, "email", "a@example.com", 3_000)
+            .await
+            .unwrap(),
+        LinkOutcome::Linked(_)
+    ));
+    assert_eq!(
+        store
+            .link_identity(&b, "email", "a@example.com", 4_000)
+            .await
+            .unwrap(),
+        LinkOutcome::Taken {
+            customer_id: a.clone()
+        }
+    );
+    assert_eq!(
+        store
+            .link_identity("nobody", "email", "x@example.com", 4_000)
+            .await
+            .unwrap(),
+        LinkOutcome::UnknownCustomer
+    );
+    // The next email from that address is a's.
+    let mut m = message("m-3", "a@example.com", "email");
+    m.sender.kind = "email".into();
+    let (_, seen) = route(&store, &[m], 5_000).await;
+    assert_eq!(seen[0].customer.id, a);
 }
