@@ -211,7 +211,7 @@ fn parse_message(text: &str) -> Result<NormalizedMessage, String> {
         id: "explain".to_owned(),
         kind: "webchat".to_owned(),
     };
-    switchboard_webchat::convert(&channel, text.as_bytes()).map_err(|error| {
+    switchboard_webchat::convert(&channel, text.as_bytes(), &Default::default()).map_err(|error| {
         format!("the message is neither a normalized message nor a web chat body: {error}")
     })
 }

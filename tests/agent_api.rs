@@ -757,3 +757,221 @@ async fn one_customer_across_identities_with_the_history_in_context() {
         customer
     );
 }
+
+#[tokio::test]
+async fn customers_merge_by_verified_identity_suggest_by_unverified_and_merge_over_the_api() {
+    let prefix = prefix("merges");
+    let mut config = DaemonConfig::on(Backend::Embedded, &prefix);
+    // `chat` takes anyone's word for an email; `site` sits behind the site's login.
+    config.channels = "[[channels]]\nid = \"chat\"\nkind = \"webchat\"\n\n[[channels]]\nid = \"site\"\nkind = \"webchat\"\nverified_identities = [\"email\"]\n".to_owned();
+    let running = Daemon::start(config).await;
+    running.wait_ready().await;
+    let daemon = &running;
+    let api = |method: reqwest::Method, path: &str| daemon.api(method, path);
+    let send = |channel: &'static str, body: serde_json::Value| async move {
+        let (status, answer) = daemon.post(channel, &body.to_string()).await;
+        assert_eq!(status, 200, "{answer}");
+        let mut got = daemon
+            .assignments("general", 1, Duration::from_secs(5))
+            .await;
+        assert_eq!(got.len(), 1);
+        got.remove(0).1["data"].clone()
+    };
+    let get = |path: String| async move {
+        let response = daemon
+            .api(reqwest::Method::GET, &path)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json::<serde_json::Value>().await.unwrap())
+    };
+
+    let a = send(
+        "chat",
+        json!({"message_id": "a-1", "customer": {"id": "visitor-a", "email": "a@example.com"},
+               "text": "Hello from A", "attributes": {"tier": "gold"}}),
+    )
+    .await["customer_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let b = send(
+        "chat",
+        json!({"message_id": "b-1", "customer": {"id": "visitor-b"}, "text": "Hello from B"}),
+    )
+    .await["customer_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_ne!(a, b);
+
+    // Unverified: B types A's email. B stays B, the email stays A's, a suggestion is recorded.
+    let routed = send(
+        "chat",
+        json!({"message_id": "b-2", "customer": {"id": "visitor-b", "email": "A@Example.com"},
+               "text": "It's me"}),
+    )
+    .await;
+    assert_eq!(routed["customer_id"], b.as_str());
+    let (status, owner) = get("/api/v1/customers?identity=email:%20A@EXAMPLE.com".into()).await;
+    assert_eq!((status, owner["id"].as_str()), (200, Some(a.as_str())));
+    let (_, merges) = get(format!("/api/v1/customers/{b}/merges")).await;
+    let merges = merges["merges"].as_array().unwrap().clone();
+    assert_eq!(merges.len(), 1, "{merges:?}");
+    assert_eq!(merges[0]["status"], "suggested");
+    assert_eq!(merges[0]["from_customer"], a.as_str());
+    assert_eq!(
+        merges[0]["identity"],
+        json!({"kind": "email", "address": "a@example.com"})
+    );
+
+    // Verified: C logs in on the site with A's email. A merges into C.
+    let c = send(
+        "site",
+        json!({"message_id": "c-1", "customer": {"id": "visitor-c"}, "text": "Hi"}),
+    )
+    .await["customer_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let routed = send(
+        "site",
+        json!({"message_id": "c-2", "customer": {"id": "visitor-c", "email": "a@example.com"},
+               "text": "Logged in now"}),
+    )
+    .await;
+    assert_eq!(routed["customer_id"], c.as_str());
+    assert_eq!(routed["context"]["customer"]["attributes"]["tier"], "gold");
+    let history: Vec<&str> = routed["context"]["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(history, ["Hello from A", "Hi"], "A's history came along");
+    let (status, via_a) = get(format!("/api/v1/customers/{a}")).await;
+    assert_eq!((status, via_a["id"].as_str()), (200, Some(c.as_str())));
+    let (_, merges) = get(format!("/api/v1/customers/{c}/merges")).await;
+    assert_eq!(merges["merges"][0]["status"], "merged");
+    assert_eq!(merges["merges"][0]["reason"], "verified identity");
+    assert_eq!(merges["merges"][0]["from_customer"], a.as_str());
+
+    // Explicit: an agent merges B into C.
+    let merge = |into: &str, body: serde_json::Value| {
+        api(
+            reqwest::Method::POST,
+            &format!("/api/v1/customers/{into}/merge"),
+        )
+        .json(&body)
+    };
+    let response = merge(&c, json!({"from": b})).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let merged: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(merged["customer"]["id"], c.as_str());
+    let addresses: Vec<&str> = merged["customer"]["identities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["address"].as_str().unwrap())
+        .collect();
+    for address in ["visitor-a", "a@example.com", "visitor-b", "visitor-c"] {
+        assert!(addresses.contains(&address), "{address} in {addresses:?}");
+    }
+    let (_, merges) = get(format!("/api/v1/customers/{c}/merges")).await;
+    let audit = merges["merges"].as_array().unwrap();
+    let entry = audit
+        .iter()
+        .find(|m| m["id"] == merged["merge_id"])
+        .expect("the explicit merge is audited");
+    assert_eq!(entry["reason"], "api");
+    assert_eq!(entry["from_customer"], b.as_str());
+    // B's next message is C's.
+    let routed = send(
+        "chat",
+        json!({"message_id": "b-3", "customer": {"id": "visitor-b"}, "text": "Again"}),
+    )
+    .await;
+    assert_eq!(routed["customer_id"], c.as_str());
+
+    for (body, into, status, code) in [
+        (json!({"from": b}), c.as_str(), 409, "already_merged"),
+        (
+            json!({"from": "nobody"}),
+            c.as_str(),
+            404,
+            "unknown_customer",
+        ),
+        (json!({"from": c}), c.as_str(), 400, "same_customer"),
+        (json!({"form": b}), c.as_str(), 400, "invalid_body"),
+        (json!({"from": c}), "nobody", 404, "unknown_customer"),
+    ] {
+        let response = merge(into, body.clone()).send().await.unwrap();
+        assert_eq!(response.status().as_u16(), status, "{body}");
+        let error: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(error["error"]["code"], code, "{body}: {error}");
+    }
+
+    // Linking an identity: normalized, refused when another customer has it.
+    let link = |customer: &str, body: serde_json::Value| {
+        api(
+            reqwest::Method::POST,
+            &format!("/api/v1/customers/{customer}/identities"),
+        )
+        .json(&body)
+    };
+    let response = link(&c, json!({"kind": "phone", "address": "+1 (555) 000-1111"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let linked: serde_json::Value = response.json().await.unwrap();
+    assert!(
+        linked["identities"]
+            .as_array()
+            .unwrap()
+            .contains(&json!({"kind": "phone", "address": "+15550001111"}))
+    );
+    let d = send(
+        "chat",
+        json!({"message_id": "d-1", "customer": {"id": "visitor-d"}, "text": "Hi"}),
+    )
+    .await["customer_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let response = link(&d, json!({"kind": "phone", "address": "+15550001111"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 409);
+    let taken: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(taken["error"]["code"], "identity_taken");
+    assert_eq!(taken["error"]["customer_id"], c.as_str());
+    for (body, status, code) in [
+        (
+            json!({"kind": "fax", "address": "1"}),
+            400,
+            "invalid_identity",
+        ),
+        (
+            json!({"kind": "email", "address": "nope"}),
+            400,
+            "invalid_identity",
+        ),
+        (json!({"kind": "email"}), 400, "invalid_body"),
+    ] {
+        let response = link(&d, body.clone()).send().await.unwrap();
+        assert_eq!(response.status().as_u16(), status, "{body}");
+        let error: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(error["error"]["code"], code, "{body}: {error}");
+    }
+    let response = link(
+        "nobody",
+        json!({"kind": "email", "address": "n@example.com"}),
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(response.status(), 404);
+}

@@ -16,6 +16,8 @@ use subtle::ConstantTimeEq;
 use time::OffsetDateTime;
 
 use super::AppState;
+use crate::store::{LinkOutcome, MergeOutcome};
+use switchboard_channel::identity;
 
 /// Longest long-poll a claim may ask for.
 const MAX_WAIT: Duration = Duration::from_secs(60);
@@ -272,17 +274,173 @@ pub async fn find_customer(
     let Ok(Query(query)) = query else {
         return bad();
     };
-    let Some((kind, address)) = query
-        .identity
-        .split_once(':')
-        .filter(|(k, a)| !k.is_empty() && !a.trim().is_empty())
-    else {
+    let Some((kind, address)) = query.identity.split_once(':') else {
         return bad();
     };
+    let address = match identity::normalize(kind, address) {
+        Ok(address) => address,
+        Err(problem) => return invalid_identity(kind, &problem),
+    };
     customer_response(
-        state.store.customer_by_identity(kind, address.trim()).await,
+        state.store.customer_by_identity(kind, &address).await,
         &query.identity,
     )
+}
+
+fn invalid_identity(kind: &str, problem: &identity::IdentityError) -> Response {
+    error(
+        StatusCode::BAD_REQUEST,
+        "invalid_identity",
+        format!("the `{kind}` identity {problem}"),
+    )
+}
+
+fn now_ms() -> i64 {
+    i64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+}
+
+fn store_unavailable(e: &crate::store::StoreError) -> Response {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "store_unavailable",
+        e.to_string(),
+    )
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewIdentity {
+    kind: String,
+    address: String,
+}
+
+/// `POST /api/v1/customers/{id}/identities` with `{"kind": "email", "address": "…"}`: links an
+/// identity (normalized) to the customer, as a verified one (an agent or a CRM vouches for it).
+/// `409 identity_taken` when another customer has it: merge them if they are one person.
+pub async fn link_identity(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    body: Result<Json<NewIdentity>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let new = match body {
+        Ok(Json(new)) => new,
+        Err(rejection) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_body",
+                format!(
+                    "expected {{\"kind\": \"email\", \"address\": \"…\"}}: {}",
+                    rejection.body_text()
+                ),
+            );
+        }
+    };
+    let address = match identity::normalize(&new.kind, &new.address) {
+        Ok(address) => address,
+        Err(problem) => return invalid_identity(&new.kind, &problem),
+    };
+    match state
+        .store
+        .link_identity(&id, &new.kind, &address, now_ms())
+        .await
+    {
+        Ok(LinkOutcome::Linked(customer)) => Json(customer).into_response(),
+        Ok(LinkOutcome::UnknownCustomer) => error(
+            StatusCode::NOT_FOUND,
+            "unknown_customer",
+            format!("no customer `{id}`"),
+        ),
+        Ok(LinkOutcome::Taken { customer_id }) => (
+            StatusCode::CONFLICT,
+            Json(json!({"error": {
+                "code": "identity_taken",
+                "message": format!(
+                    "{}:{address} belongs to customer {customer_id}; merge the two with \
+                     POST /api/v1/customers/{id}/merge if they are one person",
+                    new.kind
+                ),
+                "customer_id": customer_id,
+            }})),
+        )
+            .into_response(),
+        Err(e) => store_unavailable(&e),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MergeRequest {
+    from: String,
+}
+
+/// `POST /api/v1/customers/{id}/merge` with `{"from": "<customer id>"}`: merges that customer
+/// into this one (identities, conversations, messages move; this one's attributes win), and
+/// audits it. Answers the merged customer and the audit entry's id.
+pub async fn merge_customers(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    body: Result<Json<MergeRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let request = match body {
+        Ok(Json(request)) => request,
+        Err(rejection) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_body",
+                format!(
+                    "expected {{\"from\": \"<customer id>\"}}: {}",
+                    rejection.body_text()
+                ),
+            );
+        }
+    };
+    match state.store.merge(&id, &request.from, now_ms()).await {
+        Ok(MergeOutcome::Merged { customer, merge_id }) => {
+            Json(json!({"customer": customer, "merge_id": merge_id})).into_response()
+        }
+        Ok(MergeOutcome::Unknown(missing)) => error(
+            StatusCode::NOT_FOUND,
+            "unknown_customer",
+            format!("no customer `{missing}`"),
+        ),
+        Ok(MergeOutcome::Same) => error(
+            StatusCode::BAD_REQUEST,
+            "same_customer",
+            "a customer cannot be merged into itself",
+        ),
+        Ok(MergeOutcome::AlreadyMerged { into }) => error(
+            StatusCode::CONFLICT,
+            "already_merged",
+            format!(
+                "customer `{}` was merged into `{into}` already",
+                request.from
+            ),
+        ),
+        Err(e) => store_unavailable(&e),
+    }
+}
+
+/// `GET /api/v1/customers/{id}/merges`: the merges and open merge suggestions involving the
+/// customer, oldest first (the audit trail).
+pub async fn customer_merges(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Response {
+    match state.store.customer(&id).await {
+        Ok(Some(_)) => {}
+        Ok(None) => {
+            return error(
+                StatusCode::NOT_FOUND,
+                "unknown_customer",
+                format!("no customer `{id}`"),
+            );
+        }
+        Err(e) => return store_unavailable(&e),
+    }
+    match state.store.merges(&id).await {
+        Ok(merges) => Json(json!({"merges": merges})).into_response(),
+        Err(e) => store_unavailable(&e),
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -331,9 +489,7 @@ pub async fn close_conversation(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Response {
-    let now_ms = i64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000)
-        .unwrap_or(i64::MAX);
-    conversation_response(state.store.close_conversation(&id, now_ms).await, &id)
+    conversation_response(state.store.close_conversation(&id, now_ms()).await, &id)
 }
 
 fn conversation_response(
@@ -347,11 +503,7 @@ fn conversation_response(
             "unknown_conversation",
             format!("no conversation `{id}`"),
         ),
-        Err(e) => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "store_unavailable",
-            e.to_string(),
-        ),
+        Err(e) => store_unavailable(&e),
     }
 }
 
@@ -366,11 +518,7 @@ fn customer_response(
             "unknown_customer",
             format!("no customer `{what}`"),
         ),
-        Err(e) => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "store_unavailable",
-            e.to_string(),
-        ),
+        Err(e) => store_unavailable(&e),
     }
 }
 

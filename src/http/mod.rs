@@ -51,6 +51,9 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/customers/{id}",
             get(api::get_customer).patch(api::patch_customer),
         )
+        .route("/customers/{id}/identities", post(api::link_identity))
+        .route("/customers/{id}/merge", post(api::merge_customers))
+        .route("/customers/{id}/merges", get(api::customer_merges))
         .route("/conversations/{id}", get(api::get_conversation))
         .route("/conversations/{id}/close", post(api::close_conversation))
         .route_layer(axum::middleware::from_fn_with_state(

@@ -17,6 +17,33 @@ impl fmt::Display for IdentityError {
 
 impl std::error::Error for IdentityError {}
 
+/// Sender kinds (DESIGN §3): the kinds an identity may have.
+pub const KINDS: &[&str] = &[
+    "email",
+    "phone",
+    "telegram",
+    "messenger",
+    "instagram",
+    "slack",
+    "x",
+    "webchat",
+];
+
+/// The normalized address of an identity of `kind`: [`email`] (no plus-folding) and [`phone`]
+/// rules for those kinds; other kinds' platform ids are only trimmed. An unknown kind or an
+/// empty address is an error.
+pub fn normalize(kind: &str, raw: &str) -> Result<String, IdentityError> {
+    match kind {
+        "email" => email(raw, false),
+        "phone" => phone(raw),
+        _ if !KINDS.contains(&kind) => Err(IdentityError(
+            "has an unknown kind: use email, phone, telegram, messenger, instagram, slack, x or webchat",
+        )),
+        _ if raw.trim().is_empty() => Err(IdentityError("is empty")),
+        _ => Ok(raw.trim().to_owned()),
+    }
+}
+
 /// Lowercased and trimmed; with `fold_plus`, `dana+shop@example.com` becomes
 /// `dana@example.com` (off by default: not every mail system treats `+` as a tag).
 pub fn email(raw: &str, fold_plus: bool) -> Result<String, IdentityError> {
@@ -81,6 +108,22 @@ fn e164(digits: &str) -> Result<String, IdentityError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn normalize_applies_each_kinds_rules() {
+        assert_eq!(
+            normalize("email", " Dana@Example.COM ").unwrap(),
+            "dana@example.com"
+        );
+        assert_eq!(
+            normalize("phone", "whatsapp:+1 555 123 4567").unwrap(),
+            "+15551234567"
+        );
+        assert_eq!(normalize("telegram", " 12345 ").unwrap(), "12345");
+        assert!(normalize("fax", "123").is_err());
+        assert!(normalize("slack", "  ").is_err());
+        assert!(normalize("email", "not-an-address").is_err());
+    }
 
     #[test]
     fn emails_are_trimmed_and_lowercased_and_plus_folding_is_optional() {

@@ -48,7 +48,11 @@ const TOP_LEVEL_FIELDS: &[&str] = &[
 const CUSTOMER_FIELDS: &[&str] = &["id", "email", "phone", "name"];
 
 /// Parses and validates a web chat body.
-pub fn convert(channel: &ChannelRef, body: &[u8]) -> Result<NormalizedMessage, ConvertError> {
+pub fn convert(
+    channel: &ChannelRef,
+    body: &[u8],
+    options: &crate::Options,
+) -> Result<NormalizedMessage, ConvertError> {
     let value: Value =
         serde_json::from_slice(body).map_err(|error| ConvertError::Json(error.to_string()))?;
     let Value::Object(object) = value else {
@@ -92,7 +96,7 @@ pub fn convert(channel: &ChannelRef, body: &[u8]) -> Result<NormalizedMessage, C
         .map_err(|_| ConvertError::invalid("customer.id", "must be a string"))?;
     let email = optional_string(customer, "email")
         .map_err(|_| ConvertError::invalid("customer.email", "must be a string"))?
-        .map(|email| normalize_email(&email))
+        .map(|email| normalize_email(&email, options.fold_plus_addresses))
         .transpose()?;
     let phone = optional_string(customer, "phone")
         .map_err(|_| ConvertError::invalid("customer.phone", "must be a string"))?
@@ -101,17 +105,19 @@ pub fn convert(channel: &ChannelRef, body: &[u8]) -> Result<NormalizedMessage, C
     let name = optional_string(customer, "name")
         .map_err(|_| ConvertError::invalid("customer.name", "must be a string"))?;
 
+    // `(kind, address, verified)`: the channel's configuration says which kinds its callers
+    // have verified.
     let mut identities = Vec::new();
     if let Some(id) = visitor_id.as_ref().filter(|id| !id.trim().is_empty()) {
-        identities.push(("webchat", id.trim().to_owned()));
+        identities.push(("webchat", id.trim().to_owned(), false));
     }
     if let Some(email) = email {
-        identities.push(("email", email));
+        identities.push(("email", email, options.verified_email));
     }
     if let Some(phone) = phone {
-        identities.push(("phone", phone));
+        identities.push(("phone", phone, options.verified_phone));
     }
-    let Some((kind, address)) = identities.first().cloned() else {
+    let Some((kind, address, _)) = identities.first().cloned() else {
         return Err(ConvertError::invalid(
             "customer",
             "needs at least one of `id`, `email`, `phone`",
@@ -135,7 +141,9 @@ pub fn convert(channel: &ChannelRef, body: &[u8]) -> Result<NormalizedMessage, C
         Value::Array(
             identities
                 .iter()
-                .map(|(kind, address)| serde_json::json!({"kind": kind, "address": address}))
+                .map(|(kind, address, verified)| {
+                    serde_json::json!({"kind": kind, "address": address, "verified": verified})
+                })
                 .collect(),
         ),
     );
@@ -187,8 +195,8 @@ fn optional_string(
     }
 }
 
-fn normalize_email(email: &str) -> Result<String, ConvertError> {
-    switchboard_channel::identity::email(email, false)
+fn normalize_email(email: &str, fold_plus: bool) -> Result<String, ConvertError> {
+    switchboard_channel::identity::email(email, fold_plus)
         .map_err(|e| ConvertError::invalid("customer.email", e.0))
 }
 
@@ -200,6 +208,7 @@ fn normalize_phone(phone: &str) -> Result<String, ConvertError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Options;
 
     fn channel() -> ChannelRef {
         ChannelRef {
@@ -209,7 +218,7 @@ mod tests {
     }
 
     fn field_of(body: &str) -> String {
-        convert(&channel(), body.as_bytes())
+        convert(&channel(), body.as_bytes(), &Options::default())
             .expect_err("should be refused")
             .field()
             .to_owned()
@@ -218,7 +227,7 @@ mod tests {
     #[test]
     fn converts_the_design_example() {
         let body = include_str!("../tests/fixtures/design-example.json");
-        let message = convert(&channel(), body.as_bytes()).unwrap();
+        let message = convert(&channel(), body.as_bytes(), &Options::default()).unwrap();
         assert_eq!(message.external_id, "m-1");
         assert_eq!(
             message.message_id,
@@ -232,10 +241,33 @@ mod tests {
         assert_eq!(
             message.metadata["identities"],
             serde_json::json!([
-                {"kind": "webchat", "address": "visitor-123"},
-                {"kind": "email", "address": "dana@example.com"},
-                {"kind": "phone", "address": "+15551234567"}
+                {"kind": "webchat", "address": "visitor-123", "verified": false},
+                {"kind": "email", "address": "dana@example.com", "verified": false},
+                {"kind": "phone", "address": "+15551234567", "verified": false}
             ])
+        );
+    }
+
+    #[test]
+    fn the_channels_verified_kinds_and_plus_folding_apply() {
+        let options = Options {
+            verified_email: true,
+            verified_phone: false,
+            fold_plus_addresses: true,
+        };
+        let body = br#"{"customer": {"id": "v-1", "email": "Dana+Shop@Example.com",
+                        "phone": "+15551234567"}, "text": "hi",
+                        "metadata": {"identities": [{"kind": "email", "address": "x@y.z",
+                                                     "verified": true}]}}"#;
+        let m = convert(&channel(), body, &options).unwrap();
+        assert_eq!(
+            m.metadata["identities"],
+            serde_json::json!([
+                {"kind": "webchat", "address": "v-1", "verified": false},
+                {"kind": "email", "address": "dana@example.com", "verified": true},
+                {"kind": "phone", "address": "+15551234567", "verified": false}
+            ]),
+            "the body cannot list or verify identities itself"
         );
     }
 
@@ -244,6 +276,7 @@ mod tests {
         let m = convert(
             &channel(),
             br#"{"customer": {"email": " Dana@Example.COM "}, "text": "hi"}"#,
+            &Options::default(),
         )
         .unwrap();
         assert_eq!(
@@ -253,6 +286,7 @@ mod tests {
         let m = convert(
             &channel(),
             br#"{"customer": {"phone": "+1 (555) 123-4567"}, "text": "hi"}"#,
+            &Options::default(),
         )
         .unwrap();
         assert_eq!(
@@ -302,8 +336,8 @@ mod tests {
     #[test]
     fn without_message_id_each_post_is_a_new_message() {
         let body = br#"{"customer": {"id": "v"}, "text": "hi"}"#;
-        let a = convert(&channel(), body).unwrap();
-        let b = convert(&channel(), body).unwrap();
+        let a = convert(&channel(), body, &Options::default()).unwrap();
+        let b = convert(&channel(), body, &Options::default()).unwrap();
         assert_ne!(a.message_id, b.message_id);
     }
 }

@@ -29,22 +29,54 @@ pub struct Config {
     /// behind an authenticating proxy, not on the open internet).
     #[serde(default)]
     pub secret: Option<String>,
+    /// Identity kinds (`email`, `phone`) this channel's callers have verified, e.g. a chat
+    /// widget behind the site's login. A verified identity that belongs to another customer
+    /// merges the two; an unverified one only records a merge suggestion. Default: none.
+    #[serde(default)]
+    pub verified_identities: Vec<String>,
+    /// Fold `dana+shop@example.com` to `dana@example.com`. Default: off (not every mail system
+    /// treats `+` as a tag).
+    #[serde(default)]
+    pub fold_plus_addresses: bool,
+}
+
+/// How the adapter turns a body into a message.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    pub verified_email: bool,
+    pub verified_phone: bool,
+    pub fold_plus_addresses: bool,
 }
 
 impl Config {
     /// Offline checks; every problem as `(key, message)`.
     pub fn validate(&self) -> Vec<(String, String)> {
-        match &self.secret {
-            Some(secret) if secret.is_empty() => vec![(
+        let mut problems = Vec::new();
+        if matches!(&self.secret, Some(secret) if secret.is_empty()) {
+            problems.push((
                 "secret".to_owned(),
                 "is empty: remove the key to disable signatures, or set a secret".to_owned(),
-            )],
-            _ => Vec::new(),
+            ));
         }
+        for kind in &self.verified_identities {
+            if kind != "email" && kind != "phone" {
+                problems.push((
+                    "verified_identities".to_owned(),
+                    format!("`{kind}` is not an identity this channel takes: use email or phone"),
+                ));
+            }
+        }
+        problems
     }
 
     pub fn build(self) -> Webchat {
+        let verified = |kind: &str| self.verified_identities.iter().any(|k| k == kind);
         Webchat {
+            options: Options {
+                verified_email: verified("email"),
+                verified_phone: verified("phone"),
+                fold_plus_addresses: self.fold_plus_addresses,
+            },
             secret: self.secret.map(String::into_bytes),
         }
     }
@@ -54,6 +86,7 @@ impl Config {
 #[derive(Debug, Clone)]
 pub struct Webchat {
     secret: Option<Vec<u8>>,
+    options: Options,
 }
 
 #[async_trait]
@@ -82,7 +115,7 @@ impl Adapter for Webchat {
             };
             return WebhookResponse::error(StatusCode::UNAUTHORIZED, "bad_signature", message);
         }
-        let message = match convert(ctx.channel(), &request.body) {
+        let message = match convert(ctx.channel(), &request.body, &self.options) {
             Ok(message) => message,
             Err(error) => return WebhookResponse::bad_field(error.field(), error.to_string()),
         };

@@ -58,6 +58,7 @@ async fn unsigned_channel_conforms() {
 async fn signed_channel_conforms() {
     let adapter = Config {
         secret: Some("s3cret".into()),
+        ..Config::default()
     }
     .build();
     check_conformance(
