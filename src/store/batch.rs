@@ -33,6 +33,12 @@ pub(super) struct Batch<'m> {
     customers: HashMap<String, CustomerState>,
     /// By customer id: the conversation the customer's next message continues.
     conversations: HashMap<String, ConversationState>,
+    /// By `(channel id, thread key)`: the conversation of that thread's latest message, and
+    /// its customer. A reply in the thread continues it (reopening it if need be).
+    threads: HashMap<(String, String), (String, LoadedConversation)>,
+    /// Conversations a thread reply took the place of after this batch changed them: still
+    /// written.
+    parked: Vec<(String, ConversationState)>,
 }
 
 /// A customer as the batch sees it: loaded, or created by an earlier message of the batch.
@@ -68,6 +74,23 @@ struct ConversationState {
     agent_id: Option<String>,
     queue: Option<String>,
     is_new: bool,
+    /// A message of this batch went to it: it is written back.
+    changed: bool,
+}
+
+impl From<LoadedConversation> for ConversationState {
+    fn from(loaded: LoadedConversation) -> Self {
+        Self {
+            id: loaded.id,
+            channels: loaded.channels,
+            message_count: loaded.message_count,
+            opened_at: loaded.opened_at,
+            agent_id: loaded.agent_id,
+            queue: loaded.queue,
+            is_new: false,
+            changed: false,
+        }
+    }
 }
 
 /// A stored conversation as a backend reads it.
@@ -186,6 +209,8 @@ impl<'m> Batch<'m> {
             by_identity: HashMap::new(),
             customers: HashMap::new(),
             conversations: HashMap::new(),
+            threads: HashMap::new(),
+            parked: Vec::new(),
         }
     }
 
@@ -244,20 +269,63 @@ impl<'m> Batch<'m> {
         if taken {
             return Ok(()); // an older open one, or a closed one while an open one continues
         }
-        let loaded = load()?;
-        self.conversations.insert(
-            customer_id,
-            ConversationState {
-                id: loaded.id,
-                channels: loaded.channels,
-                message_count: loaded.message_count,
-                opened_at: loaded.opened_at,
-                agent_id: loaded.agent_id,
-                queue: loaded.queue,
-                is_new: false,
-            },
-        );
+        self.conversations
+            .insert(customer_id, ConversationState::from(load()?));
         Ok(())
+    }
+
+    /// The `(channel id, thread key)` of every message of the batch that is in a thread.
+    pub fn thread_keys(&self) -> Vec<(&str, &str)> {
+        let mut keys: Vec<(&str, &str)> = self
+            .messages
+            .iter()
+            .filter_map(|m| Some((m.channel.id.as_str(), m.thread_key.as_deref()?)))
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        keys
+    }
+
+    /// The conversation a thread's latest stored message is in, and its customer.
+    pub fn thread(
+        &mut self,
+        channel_id: String,
+        thread_key: String,
+        customer_id: String,
+        conversation: LoadedConversation,
+    ) {
+        self.threads
+            .insert((channel_id, thread_key), (customer_id, conversation));
+    }
+
+    /// Makes the conversation of `message`'s thread the customer's current one, when the thread
+    /// is known and belongs to this customer.
+    fn follow_thread(&mut self, message: &NormalizedMessage, customer_id: &str) {
+        let Some(thread_key) = &message.thread_key else {
+            return;
+        };
+        let key = (message.channel.id.clone(), thread_key.clone());
+        let Some((owner, loaded)) = self.threads.get(&key) else {
+            return;
+        };
+        let current = self.conversations.get(customer_id).map(|c| c.id.as_str());
+        if owner != customer_id || current == Some(loaded.id.as_str()) {
+            return;
+        }
+        let id = loaded.id.clone();
+        // A version this batch already changed wins over the stored one.
+        let state = match self.parked.iter().position(|(_, c)| c.id == id) {
+            Some(index) => self.parked.swap_remove(index).1,
+            None => match self.threads.remove(&key) {
+                Some((_, loaded)) => ConversationState::from(loaded),
+                None => return,
+            },
+        };
+        if let Some(previous) = self.conversations.insert(customer_id.to_owned(), state)
+            && previous.changed
+        {
+            self.parked.push((customer_id.to_owned(), previous));
+        }
     }
 
     /// How many messages a known customer sent in the 24 hours before now.
@@ -350,6 +418,10 @@ impl<'m> Batch<'m> {
             };
             customer.attributes =
                 merged_attributes(std::mem::take(&mut customer.attributes), message);
+            self.follow_thread(message, &customer_id);
+            let Some(customer) = self.customers.get_mut(&customer_id) else {
+                continue;
+            };
             let conversation = self
                 .conversations
                 .entry(customer_id.clone())
@@ -363,6 +435,7 @@ impl<'m> Batch<'m> {
                         agent_id: None,
                         queue: None,
                         is_new: true,
+                        changed: false,
                     }
                 });
             let resolved = Resolved {
@@ -400,6 +473,7 @@ impl<'m> Batch<'m> {
                     },
                 ));
             }
+            conversation.changed = true;
             conversation.message_count += 1;
             if !conversation.channels.contains(&message.channel.kind) {
                 conversation.channels.push(message.channel.kind.clone());
@@ -443,10 +517,10 @@ impl<'m> Batch<'m> {
             merges,
             suggestions,
         };
-        for customer_id in touched {
+        for customer_id in &touched {
             // A customer merged into another in this batch may have handed its conversation
             // over: its row is still written (earlier messages refer to it).
-            if let Some(customer) = self.customers.get(&customer_id) {
+            if let Some(customer) = self.customers.get(customer_id) {
                 let customer_row = CustomerRow {
                     id: customer_id.clone(),
                     attributes: serde_json::to_string(&customer.attributes)?,
@@ -457,20 +531,24 @@ impl<'m> Batch<'m> {
                     writes.seen_customers.push(customer_row);
                 }
             }
-            if let Some(conversation) = self.conversations.get(&customer_id) {
-                let conversation_row = ConversationRow {
-                    id: conversation.id.clone(),
-                    customer_id: customer_id.clone(),
-                    channels: serde_json::to_string(&conversation.channels)?,
-                    queue: conversation.queue.clone(),
-                    message_count: conversation.message_count,
-                    opened_at: conversation.opened_at,
-                };
-                if conversation.is_new {
-                    writes.new_conversations.push(conversation_row);
-                } else {
-                    writes.seen_conversations.push(conversation_row);
-                }
+        }
+        let current = touched
+            .iter()
+            .filter_map(|customer_id| Some((customer_id, self.conversations.get(customer_id)?)));
+        let parked = self.parked.iter().map(|(customer_id, c)| (customer_id, c));
+        for (customer_id, conversation) in current.chain(parked) {
+            let conversation_row = ConversationRow {
+                id: conversation.id.clone(),
+                customer_id: customer_id.clone(),
+                channels: serde_json::to_string(&conversation.channels)?,
+                queue: conversation.queue.clone(),
+                message_count: conversation.message_count,
+                opened_at: conversation.opened_at,
+            };
+            if conversation.is_new {
+                writes.new_conversations.push(conversation_row);
+            } else {
+                writes.seen_conversations.push(conversation_row);
             }
         }
         Ok(writes)

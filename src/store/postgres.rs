@@ -727,6 +727,45 @@ async fn route_in(
     }
 
     // The latest messages of each known customer, on every channel.
+    // Replies in a thread: the conversation of the thread's latest message.
+    let (thread_channels, thread_keys): (Vec<String>, Vec<String>) = batch
+        .thread_keys()
+        .into_iter()
+        .map(|(channel, key)| (channel.to_owned(), key.to_owned()))
+        .unzip();
+    if !thread_keys.is_empty() {
+        for row in sqlx::query(
+            "SELECT k.channel_id, k.thread_key, c.id, c.customer_id, c.channels, c.message_count,
+                    c.opened_at, c.agent_id, c.queue
+             FROM unnest($1::text[], $2::text[]) AS k(channel_id, thread_key)
+             CROSS JOIN LATERAL (
+                 SELECT conversation_id FROM messages
+                 WHERE channel_id = k.channel_id AND thread_key = k.thread_key
+                 ORDER BY received_at DESC, seq DESC LIMIT 1) AS m
+             JOIN conversations c ON c.id = m.conversation_id
+             FOR NO KEY UPDATE OF c",
+        )
+        .bind(thread_channels)
+        .bind(thread_keys)
+        .fetch_all(&mut *connection)
+        .await?
+        {
+            batch.thread(
+                row.get("channel_id"),
+                row.get("thread_key"),
+                row.get("customer_id"),
+                LoadedConversation {
+                    id: row.get("id"),
+                    channels: row.try_get::<Json<_>, _>("channels")?.0,
+                    message_count: row.get("message_count"),
+                    opened_at: row.get("opened_at"),
+                    agent_id: row.get("agent_id"),
+                    queue: row.get("queue"),
+                },
+            );
+        }
+    }
+
     if history_len > 0 {
         for row in sqlx::query(
             // Per customer, only its latest rows are read (index on customer, time, seq).
@@ -845,13 +884,13 @@ async fn route_in(
     sqlx::query(
         "WITH m AS (
              INSERT INTO messages (channel_id, external_id, message_id, conversation_id,
-                                   customer_id, direction, envelope, received_at)
+                                   customer_id, direction, envelope, received_at, thread_key)
              SELECT channel_id, external_id, message_id, conversation_id, customer_id,
-                    'inbound', envelope::jsonb, $11
+                    'inbound', envelope::jsonb, $11, thread_key
              FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                         $6::text[])
+                         $6::text[], $12::text[])
                   AS m(channel_id, external_id, message_id, conversation_id, customer_id,
-                       envelope)
+                       envelope, thread_key)
          )
          INSERT INTO decisions (channel_id, external_id, conversation_id, queue, urgency,
                                 priority, assignment, decided_at)
@@ -873,6 +912,7 @@ async fn route_in(
     .bind(column(rows, |r| i16::from(r.priority)))
     .bind(column(rows, |r| r.assignment.as_str()))
     .bind(now_ms)
+    .bind(column(rows, |r| r.message.thread_key.as_deref()))
     .execute(&mut *connection)
     .await?;
     for merge in &decided.merges {

@@ -687,6 +687,39 @@ async fn route_in(
     }
 
     // The latest messages of each known customer, on every channel.
+    // Replies in a thread: the conversation of the thread's latest message.
+    let threads = batch.thread_keys();
+    if !threads.is_empty() {
+        for row in sqlx::query(
+            "SELECT j.value ->> 0 AS channel_id, j.value ->> 1 AS thread_key, c.id,
+                    c.customer_id, c.channels, c.message_count, c.opened_at, c.agent_id, c.queue
+             FROM jsonb_each(?) j
+             JOIN messages m ON m.rowid = (
+                 SELECT rowid FROM messages
+                 WHERE channel_id = j.value ->> 0 AND thread_key = j.value ->> 1
+                 ORDER BY received_at DESC, rowid DESC LIMIT 1)
+             JOIN conversations c ON c.id = m.conversation_id",
+        )
+        .bind(serde_json::to_string(&threads)?)
+        .fetch_all(&mut *connection)
+        .await?
+        {
+            batch.thread(
+                row.get("channel_id"),
+                row.get("thread_key"),
+                row.get("customer_id"),
+                LoadedConversation {
+                    id: row.get("id"),
+                    channels: serde_json::from_str(row.get::<&str, _>("channels"))?,
+                    message_count: row.get("message_count"),
+                    opened_at: row.get("opened_at"),
+                    agent_id: row.get("agent_id"),
+                    queue: row.get("queue"),
+                },
+            );
+        }
+    }
+
     if history_len > 0 {
         for row in sqlx::query(
             // Per customer, only its latest rows are read (index on customer, time).
@@ -778,7 +811,7 @@ async fn route_in(
     for chunk in decided.messages.chunks(ROWS_PER_INSERT) {
         let mut insert = QueryBuilder::<Sqlite>::new(
             "INSERT INTO messages (channel_id, external_id, message_id, conversation_id, customer_id,
-                                   direction, envelope, received_at) ",
+                                   direction, envelope, received_at, thread_key) ",
         );
         insert.push_values(chunk, |mut values, row| {
             values
@@ -789,7 +822,8 @@ async fn route_in(
                 .push_bind(&row.customer_id)
                 .push_bind("inbound")
                 .push_bind(&row.envelope)
-                .push_bind(now_ms);
+                .push_bind(now_ms)
+                .push_bind(&row.message.thread_key);
         });
         insert.build().execute(&mut *connection).await?;
         let mut insert = QueryBuilder::<Sqlite>::new(
@@ -816,7 +850,7 @@ async fn route_in(
     Ok(decided.outcomes)
 }
 
-/// Rows per multi-row INSERT (8 parameters each, well under SQLite's limit of 32,766).
+/// Rows per multi-row INSERT (9 parameters each, well under SQLite's limit of 32,766).
 const ROWS_PER_INSERT: usize = 256;
 
 fn stored_decision(row: &sqlx::sqlite::SqliteRow) -> StoredDecision {

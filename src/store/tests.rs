@@ -66,6 +66,7 @@ on_both_backends!(
     an_unverified_identity_only_suggests_a_merge,
     an_explicit_merge_moves_everything_and_is_audited,
     linking_an_identity_refuses_another_customers,
+    a_reply_in_a_thread_continues_its_conversation,
 );
 
 /// One test's store, and the place it lives in (removed when dropped, after the store).
@@ -1066,4 +1067,49 @@ async fn linking_an_identity_refuses_another_customers(backend: Backend) {
     m.sender.kind = "email".into();
     let (_, seen) = route(&store, &[m], 5_000).await;
     assert_eq!(seen[0].customer.id, a);
+}
+
+async fn a_reply_in_a_thread_continues_its_conversation(backend: Backend) {
+    let store = TestStore::open(backend).await;
+    let hour = 60 * 60 * 1000;
+    let in_thread = |id: &str, sender: &str, thread: &str| {
+        let mut m = message(id, sender, "email");
+        m.thread_key = Some(thread.to_owned());
+        m
+    };
+    let (_, seen) = route(&store, &[in_thread("m-1", "dana", "thread-1")], hour).await;
+    let first = seen[0].conversation.id.clone();
+    store.close_conversation(&first, 2 * hour).await.unwrap();
+
+    // A week later, a new subject: a new conversation.
+    let (_, seen) = route(&store, &[in_thread("m-2", "dana", "thread-2")], 170 * hour).await;
+    let second = seen[0].conversation.id.clone();
+    assert_ne!(second, first);
+
+    // A reply in the first thread goes back to the first conversation, reopened; the next
+    // message of the second thread to the second, in the same batch.
+    let (_, seen) = route(
+        &store,
+        &[
+            in_thread("m-3", "dana", "thread-1"),
+            in_thread("m-4", "dana", "thread-2"),
+        ],
+        171 * hour,
+    )
+    .await;
+    assert_eq!(seen[0].conversation.id, first, "the thread's conversation");
+    assert_eq!(seen[0].conversation.message_count, 1);
+    assert_eq!(seen[1].conversation.id, second);
+    assert_eq!(seen[1].conversation.message_count, 1);
+    let reopened = store.conversation(&first).await.unwrap().unwrap();
+    assert_eq!(
+        (reopened.status.as_str(), reopened.message_count),
+        ("open", 2)
+    );
+    let other = store.conversation(&second).await.unwrap().unwrap();
+    assert_eq!(other.message_count, 2, "both conversations written");
+
+    // Someone else replying in Dana's thread stays in their own conversation.
+    let (_, seen) = route(&store, &[in_thread("m-5", "sam", "thread-1")], 172 * hour).await;
+    assert_ne!(seen[0].conversation.id, first);
 }
