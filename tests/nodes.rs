@@ -300,3 +300,64 @@ async fn two_nodes_share_the_work_and_a_killed_one_loses_and_reorders_nothing() 
     cleanup_partitioned(&prefix).await;
     database.drop_now().await;
 }
+
+/// PostgreSQL cannot store U+0000: such a message is dead-lettered (on every store alike)
+/// instead of failing its batch again and again, and routing goes on.
+#[tokio::test]
+async fn a_message_postgres_cannot_store_is_dead_lettered_and_routing_goes_on() {
+    let prefix = prefix("nodes-nul");
+    cleanup_partitioned(&prefix).await;
+    let database = Database::create("nul").await;
+    let rules = tempfile::tempdir().expect("rules dir");
+    write_rules(
+        rules.path(),
+        &[(
+            "10-queues.toml",
+            "[[queue]]\nname = \"general\"\ndefault = true\n",
+        )],
+    );
+    let daemon = Daemon::start(node_config(&prefix, rules.path(), &database.url)).await;
+    daemon.wait_ready().await;
+    let connection = rabbit().await;
+
+    let event = serde_json::json!({
+        "specversion": "1.0", "id": "nul-1", "source": "test", "type": "switchboard.message.received",
+        "datacontenttype": "application/json", "time": "2026-11-22T10:00:00Z",
+        "data": {
+            "message_id": "6f1c2a52-1b1e-5c6a-9d65-1f5b8a8f2b11",
+            "channel": {"id": "chat", "kind": "webchat"}, "external_id": "nul-1",
+            "sender": {"kind": "webchat", "address": "v-nul"},
+            "text": "broken \u{0000} text", "received_at": "2026-11-22T10:00:00Z"
+        }
+    });
+    publish_raw(
+        &connection,
+        &format!("{prefix}.inbound"),
+        "webchat.chat",
+        event.to_string().as_bytes(),
+    )
+    .await;
+    let (status, _) = daemon.post("chat", &chat("after-1", "v-ok", "fine")).await;
+    assert_eq!(status, 200);
+    let routed = collect(
+        &connection,
+        &format!("{prefix}.queue.general"),
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(external_ids(&routed), ["after-1"], "{}", daemon.log());
+    let dead = collect(
+        &connection,
+        &format!("{prefix}.dead"),
+        1,
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(dead.len(), 1, "{}", daemon.log());
+    assert_eq!(dead[0].1["id"], "nul-1");
+
+    drop(daemon);
+    cleanup_partitioned(&prefix).await;
+    database.drop_now().await;
+}

@@ -410,6 +410,11 @@ fn parse(delivery: &Delivery) -> Result<NormalizedMessage, String> {
     if event.ty != event_type::MESSAGE_RECEIVED {
         return Err(format!("unexpected event type `{}`", event.ty));
     }
+    if let Some(field) = event.data.nul_field() {
+        return Err(format!(
+            "`{field}` contains U+0000 (NUL), which the store cannot keep"
+        ));
+    }
     Ok(event.data)
 }
 

@@ -74,6 +74,57 @@ impl NormalizedMessage {
     pub fn routing_key(&self) -> String {
         format!("{}.{}", self.channel.kind, self.channel.id)
     }
+
+    /// The first field holding U+0000 (NUL), if any. PostgreSQL cannot store that character in
+    /// text or JSON; adapters refuse it and the router dead-letters such a message, on every
+    /// store alike, rather than failing its whole batch.
+    pub fn nul_field(&self) -> Option<&'static str> {
+        let has_nul = |text: &str| text.contains('\0');
+        let fields: [(&'static str, bool); 8] = [
+            (
+                "channel",
+                has_nul(&self.channel.id) || has_nul(&self.channel.kind),
+            ),
+            ("external_id", has_nul(&self.external_id)),
+            (
+                "thread_key",
+                self.thread_key.as_deref().is_some_and(has_nul),
+            ),
+            ("sender", {
+                has_nul(&self.sender.kind)
+                    || has_nul(&self.sender.address)
+                    || self.sender.name.as_deref().is_some_and(has_nul)
+            }),
+            ("subject", self.subject.as_deref().is_some_and(has_nul)),
+            ("text", has_nul(&self.text)),
+            (
+                "attachments",
+                self.attachments
+                    .iter()
+                    .any(|a| has_nul(&a.filename) || has_nul(&a.content_type)),
+            ),
+            (
+                "metadata",
+                self.metadata
+                    .iter()
+                    .any(|(k, v)| has_nul(k) || value_has_nul(v)),
+            ),
+        ];
+        fields
+            .into_iter()
+            .find_map(|(field, nul)| nul.then_some(field))
+    }
+}
+
+fn value_has_nul(value: &Value) -> bool {
+    match value {
+        Value::String(text) => text.contains('\0'),
+        Value::Array(items) => items.iter().any(value_has_nul),
+        Value::Object(map) => map
+            .iter()
+            .any(|(k, v)| k.contains('\0') || value_has_nul(v)),
+        _ => false,
+    }
 }
 
 /// Event types (CloudEvents `type`).
@@ -138,6 +189,30 @@ impl CloudEvent<NormalizedMessage> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn nul_characters_are_found_in_every_text_field() {
+        let clean: NormalizedMessage = serde_json::from_value(serde_json::json!({
+            "message_id": "6f1c2a52-1b1e-5c6a-9d65-1f5b8a8f2b11",
+            "channel": {"id": "chat", "kind": "webchat"},
+            "external_id": "m-1",
+            "sender": {"kind": "webchat", "address": "v"},
+            "text": "hi",
+            "received_at": "2026-11-22T10:00:00Z",
+            "metadata": {"attributes": {"tags": ["a", "b"]}}
+        }))
+        .unwrap();
+        assert_eq!(clean.nul_field(), None);
+        let mut text = clean.clone();
+        text.text = "a\0b".into();
+        assert_eq!(text.nul_field(), Some("text"));
+        let mut sender = clean.clone();
+        sender.sender.address = "\0".into();
+        assert_eq!(sender.nul_field(), Some("sender"));
+        let mut deep = clean;
+        deep.metadata["attributes"]["tags"][1] = serde_json::json!("x\0");
+        assert_eq!(deep.nul_field(), Some("metadata"));
+    }
+
     use super::*;
 
     #[test]

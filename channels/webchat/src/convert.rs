@@ -148,7 +148,7 @@ pub fn convert(
         ),
     );
 
-    Ok(NormalizedMessage {
+    let message = NormalizedMessage {
         message_id: NormalizedMessage::stable_id(&channel.id, &external_id),
         channel: channel.clone(),
         external_id,
@@ -164,7 +164,19 @@ pub fn convert(
         received_at: OffsetDateTime::now_utc(),
         auto_submitted: false,
         metadata,
-    })
+    };
+    // The body's own names for the normalized fields.
+    let field = match message.nul_field() {
+        None => return Ok(message),
+        Some("external_id") => "message_id",
+        Some("sender") => "customer",
+        Some("metadata") if object.contains_key("attributes") => "attributes",
+        Some(field) => field,
+    };
+    Err(ConvertError::invalid(
+        field,
+        "must not contain U+0000 (NUL)",
+    ))
 }
 
 fn reject_unknown(
@@ -292,6 +304,22 @@ mod tests {
         assert_eq!(
             (m.sender.kind.as_str(), m.sender.address.as_str()),
             ("phone", "+15551234567")
+        );
+    }
+
+    #[test]
+    fn refuses_nul_characters() {
+        assert_eq!(
+            field_of(r#"{"customer": {"id": "v"}, "text": "a\u0000b"}"#),
+            "text"
+        );
+        assert_eq!(
+            field_of(r#"{"customer": {"id": "v\u0000"}, "text": "hi"}"#),
+            "customer"
+        );
+        assert_eq!(
+            field_of(r#"{"customer": {"id": "v"}, "text": "hi", "attributes": {"k": "\u0000"}}"#),
+            "attributes"
         );
     }
 
