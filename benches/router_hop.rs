@@ -4,7 +4,9 @@
 //! `cargo bench --bench router_hop` (RabbitMQ on 127.0.0.1:5672). Options through the
 //! environment: `BENCH_MESSAGES` (default 20000), `BENCH_RUNS` (3), `BENCH_RATE` (1000/s),
 //! `BENCH_SECONDS` (10), `BENCH_ONLY` (`hop` or `raw`: profile one side; the ratio is then NaN),
-//! `BENCH_RULES` (a rules directory instead of the shipped `routing-rules/`).
+//! `BENCH_RULES` (a rules directory instead of the shipped `routing-rules/`), `BENCH_STORE=none`
+//! (diagnostic: the hop with a store that records nothing and resolves every message to a new
+//! customer, i.e. the ceiling the bus and the decision leave; not the product's figure).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -149,6 +151,112 @@ async fn delete_prefix(connection: &Connection, prefix: &str, queues: &[String])
     }
 }
 
+/// `BENCH_STORE=none`: decides every message against a fresh customer and records nothing.
+struct NoStore;
+
+#[async_trait::async_trait]
+impl Store for NoStore {
+    async fn route_batch(
+        &self,
+        messages: &[NormalizedMessage],
+        _now_ms: i64,
+        decide: &switchboard::store::DecideFn<'_>,
+    ) -> Result<Vec<switchboard::store::RouteOutcome>, switchboard::store::StoreError> {
+        Ok(messages
+            .iter()
+            .map(|message| {
+                let resolved = switchboard::store::Resolved {
+                    customer: Default::default(),
+                    conversation: Default::default(),
+                    history: Vec::new(),
+                    conversation_opened_at: 0,
+                };
+                let routed = decide(message, &resolved);
+                switchboard::store::RouteOutcome::New {
+                    queue: routed.queue,
+                    priority: routed.priority,
+                    assignment: routed.assignment,
+                }
+            })
+            .collect())
+    }
+    async fn decision(
+        &self,
+        _: &str,
+        _: &str,
+    ) -> Result<Option<switchboard::store::StoredDecision>, switchboard::store::StoreError> {
+        Ok(None)
+    }
+    async fn mark_published(
+        &self,
+        _: &[(String, String)],
+    ) -> Result<(), switchboard::store::StoreError> {
+        Ok(())
+    }
+    async fn customer(
+        &self,
+        _: &str,
+    ) -> Result<Option<switchboard::store::CustomerRecord>, switchboard::store::StoreError> {
+        Ok(None)
+    }
+    async fn customer_by_identity(
+        &self,
+        _: &str,
+        _: &str,
+    ) -> Result<Option<switchboard::store::CustomerRecord>, switchboard::store::StoreError> {
+        Ok(None)
+    }
+    async fn patch_attributes(
+        &self,
+        _: &str,
+        _: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Option<switchboard::store::CustomerRecord>, switchboard::store::StoreError> {
+        Ok(None)
+    }
+    async fn conversation(
+        &self,
+        _: &str,
+    ) -> Result<Option<switchboard::store::ConversationRecord>, switchboard::store::StoreError>
+    {
+        Ok(None)
+    }
+    async fn close_conversation(
+        &self,
+        _: &str,
+        _: i64,
+    ) -> Result<Option<switchboard::store::ConversationRecord>, switchboard::store::StoreError>
+    {
+        Ok(None)
+    }
+    async fn merge(
+        &self,
+        _: &str,
+        from: &str,
+        _: i64,
+    ) -> Result<switchboard::store::MergeOutcome, switchboard::store::StoreError> {
+        Ok(switchboard::store::MergeOutcome::Unknown(from.to_owned()))
+    }
+    async fn link_identity(
+        &self,
+        _: &str,
+        _: &str,
+        _: &str,
+        _: i64,
+    ) -> Result<switchboard::store::LinkOutcome, switchboard::store::StoreError> {
+        Ok(switchboard::store::LinkOutcome::UnknownCustomer)
+    }
+    async fn merges(
+        &self,
+        _: &str,
+    ) -> Result<Vec<serde_json::Value>, switchboard::store::StoreError> {
+        Ok(Vec::new())
+    }
+    async fn ping(&self) -> Result<(), switchboard::store::StoreError> {
+        Ok(())
+    }
+    async fn close(&self) {}
+}
+
 /// The router hop: consume normalized message → decide → store → publish assignment → ack.
 async fn router_hop(n: usize) -> f64 {
     let connection = connect().await;
@@ -165,11 +273,15 @@ async fn router_hop(n: usize) -> f64 {
         .map(|q| format!("{prefix}.queue.{q}"))
         .collect();
     let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> = Arc::new(
-        SqliteStore::open(&format!("sqlite://{}", dir.path().join("b.db").display()))
-            .await
-            .unwrap(),
-    );
+    let store: Arc<dyn Store> = if std::env::var("BENCH_STORE").as_deref() == Ok("none") {
+        Arc::new(NoStore)
+    } else {
+        Arc::new(
+            SqliteStore::open(&format!("sqlite://{}", dir.path().join("b.db").display()))
+                .await
+                .unwrap(),
+        )
+    };
     let config = BusConfig {
         prefix: prefix.clone(),
         prefetch: PREFETCH,
