@@ -1079,25 +1079,30 @@ impl RouterLink for AmqpRouterLink {
         let topology = self.shared.topology.clone();
         let session = self.session().await?;
         let mut last_tag: HashMap<usize, u64> = HashMap::new();
+        let mut sends: Vec<Send<'_>> = Vec::with_capacity(outcomes.len() + 1);
         for (tag, outcome) in &outcomes {
             let (slot, delivery_tag) = split_tag(*tag);
             let input = session.inputs.get(slot).ok_or(BusError::Disconnected)?;
             let channel = &input.channel;
             match outcome {
                 Outcome::Assign(assignment) => {
-                    publish_assignment(channel, &topology, assignment).await?;
+                    sends.push(Box::pin(publish_assignment(channel, &topology, assignment)));
                 }
                 Outcome::Escalate { assignment, event } => {
-                    publish_assignment(channel, &topology, assignment).await?;
-                    channel
-                        .basic_publish(
-                            topology.events().as_str().into(),
-                            event.key.as_str().into(),
-                            BasicPublishOptions::default(),
-                            event.body.as_bytes(),
-                            event_properties(&event.event_id, &event.ty),
-                        )
-                        .await?;
+                    sends.push(Box::pin(publish_assignment(channel, &topology, assignment)));
+                    let exchange = topology.events();
+                    sends.push(Box::pin(async move {
+                        channel
+                            .basic_publish(
+                                exchange.as_str().into(),
+                                event.key.as_str().into(),
+                                BasicPublishOptions::default(),
+                                event.body.as_bytes(),
+                                event_properties(&event.event_id, &event.ty),
+                            )
+                            .await?;
+                        Ok(())
+                    }));
                 }
                 Outcome::Dead(reason) => {
                     let body = session.bodies.get(tag).cloned().unwrap_or_default();
@@ -1113,15 +1118,19 @@ impl RouterLink for AmqpRouterLink {
                     let properties = BasicProperties::default()
                         .with_delivery_mode(2)
                         .with_headers(headers);
-                    channel
-                        .basic_publish(
-                            topology.dlx().as_str().into(),
-                            "".into(),
-                            BasicPublishOptions::default(),
-                            &body,
-                            properties,
-                        )
-                        .await?;
+                    let exchange = topology.dlx();
+                    sends.push(Box::pin(async move {
+                        channel
+                            .basic_publish(
+                                exchange.as_str().into(),
+                                "".into(),
+                                BasicPublishOptions::default(),
+                                &body,
+                                properties,
+                            )
+                            .await?;
+                        Ok(())
+                    }));
                 }
                 Outcome::Ack => {}
             }
@@ -1132,13 +1141,17 @@ impl RouterLink for AmqpRouterLink {
         // cumulative ack covers it (and nothing beyond it, as later deliveries carry higher
         // tags).
         let mut channels = Vec::with_capacity(last_tag.len());
-        for (slot, last) in last_tag {
-            let channel = session.inputs[slot].channel.clone();
-            channel
-                .basic_ack(last, BasicAckOptions { multiple: true })
-                .await?;
-            channels.push(channel);
+        for (&slot, &last) in &last_tag {
+            let channel = &session.inputs[slot].channel;
+            sends.push(Box::pin(async move {
+                channel
+                    .basic_ack(last, BasicAckOptions { multiple: true })
+                    .await?;
+                Ok(())
+            }));
+            channels.push(channel.clone());
         }
+        send_in_order(sends).await?;
         for (tag, _) in &outcomes {
             session.bodies.remove(tag);
         }
@@ -1173,6 +1186,36 @@ impl RouterLink for AmqpRouterLink {
         }
         Ok(())
     }
+}
+
+/// One frame sent on a channel: resolves once lapin's I/O loop wrote it.
+type Send<'a> =
+    std::pin::Pin<Box<dyn Future<Output = Result<(), BusError>> + std::marker::Send + 'a>>;
+
+/// Drives `sends` together. Each is polled first in the order given, which is when lapin
+/// queues its frames, so they go out in that order; the I/O loop then writes them in one go
+/// instead of one thread round trip each (measured: a batch of 128 assignments took ~10 ms
+/// awaited one by one). The first error is returned once all have settled.
+async fn send_in_order(mut sends: Vec<Send<'_>>) -> Result<(), BusError> {
+    let mut failure = None;
+    std::future::poll_fn(|cx| {
+        sends.retain_mut(|send| match send.as_mut().poll(cx) {
+            std::task::Poll::Ready(result) => {
+                if let Err(error) = result {
+                    failure.get_or_insert(error);
+                }
+                false
+            }
+            std::task::Poll::Pending => true,
+        });
+        if sends.is_empty() {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    failure.map_or(Ok(()), Err)
 }
 
 /// Publishes an assignment on the router's transactional channel; an SLA becomes the message's
