@@ -75,7 +75,8 @@ pub async fn run(loaded: Loaded, rules_override: Option<PathBuf>) -> anyhow::Res
                 .await
                 .with_context(|| format!("opening the store {}", config.store.url))?
                 .with_reopen_window(config.routing.reopen_window)
-                .with_history(config.routing.history);
+                .with_history(config.routing.history)
+                .with_cache(config.store.cache_customers);
             let bus = EmbeddedBus::start(
                 sqlite.pool().clone(),
                 &config.bus,

@@ -75,12 +75,17 @@ pub struct StoreConfig {
     /// daemons sharing one store. PostgreSQL needs a RabbitMQ `[bus] url`: the embedded bus
     /// lives in SQLite.
     pub url: String,
+    /// Customers the SQLite store keeps in memory for routing (identities, attributes, current
+    /// conversation, history, contact times); 0 reads the database for every batch. A
+    /// PostgreSQL store keeps none: other nodes write the same rows.
+    pub cache_customers: usize,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
         Self {
             url: "sqlite://switchboard.db".to_owned(),
+            cache_customers: crate::store::DEFAULT_CACHE_CUSTOMERS,
         }
     }
 }

@@ -45,9 +45,17 @@ pub(super) struct Batch<'m> {
 struct CustomerState {
     attributes: Map<String, Value>,
     identities: Vec<Identity>,
+    /// When each of `identities` was stored (Unix ms), in the same order.
+    identities_created: Vec<i64>,
     recent: u32,
+    /// The times (Unix ms) behind `recent`, when the backend read them: what a cached
+    /// snapshot needs to count the last 24 hours later.
+    contact_times: Option<Vec<i64>>,
     open_conversations: u32,
     is_new: bool,
+    /// A reply in a thread made another conversation this customer's current one: the
+    /// store's view of "current" is then not the batch's, so no snapshot is taken.
+    followed_thread: bool,
     /// Latest messages with their time (Unix ms), oldest first, at most `history_len`.
     history: VecDeque<(i64, HistoryEntry)>,
 }
@@ -57,9 +65,13 @@ impl CustomerState {
         Self {
             attributes,
             identities: Vec::new(),
+            identities_created: Vec::new(),
             recent: 0,
+            // A new customer has no earlier contacts.
+            contact_times: is_new.then(Vec::new),
             open_conversations: 0,
             is_new,
+            followed_thread: false,
             history: VecDeque::new(),
         }
     }
@@ -94,6 +106,7 @@ impl From<LoadedConversation> for ConversationState {
 }
 
 /// A stored conversation as a backend reads it.
+#[derive(Debug, Clone)]
 pub(super) struct LoadedConversation {
     pub id: String,
     pub channels: Vec<String>,
@@ -118,7 +131,34 @@ pub(super) struct Decided<'m> {
     pub merges: Vec<MergeRow>,
     /// Customers an unverified identity would have joined: recorded for review only.
     pub suggestions: Vec<MergeRow>,
+    /// Per customer this batch changed: its state once the writes above are committed, when
+    /// it is exactly what the store would read back (see [`CustomerSnapshot`]); `None` when
+    /// it is not, and a cached copy must go.
+    pub snapshots: Vec<(String, Option<CustomerSnapshot>)>,
 }
+
+/// A customer's state after a batch, exactly as the next batch would read it from the store:
+/// what the SQLite store's cache keeps (see `cache.rs`).
+#[derive(Debug, Clone)]
+pub(super) struct CustomerSnapshot {
+    pub attributes: Map<String, Value>,
+    /// In the store's order: by creation time, kind, address.
+    pub identities: Vec<Identity>,
+    /// When each identity was stored (Unix ms).
+    pub identities_created: Vec<i64>,
+    /// Open conversations (the current one included).
+    pub open_conversations: u32,
+    /// The current (open) conversation.
+    pub conversation: LoadedConversation,
+    /// Latest messages, oldest first, at most `history_len`.
+    pub history: VecDeque<(i64, HistoryEntry)>,
+    /// Times of the customer's messages in the last 24 hours (older ones are ignored).
+    pub contact_times: Vec<i64>,
+}
+
+/// Above this many messages in 24 hours a customer is not cached (its snapshot would carry
+/// them all); it is read from the store instead.
+const MAX_CACHED_CONTACTS: usize = 1024;
 
 /// A merge (or a suggestion of one) to apply and audit.
 #[derive(Debug, Clone)]
@@ -245,9 +285,10 @@ impl<'m> Batch<'m> {
     }
 
     /// One of a known customer's identities, in the order the customer shows them.
-    pub fn customer_identity(&mut self, customer_id: &str, identity: Identity) {
+    pub fn customer_identity(&mut self, customer_id: &str, identity: Identity, created_at: i64) {
         if let Some(customer) = self.customers.get_mut(customer_id) {
             customer.identities.push(identity);
+            customer.identities_created.push(created_at);
         }
     }
 
@@ -321,11 +362,60 @@ impl<'m> Batch<'m> {
                 None => return,
             },
         };
+        if let Some(customer) = self.customers.get_mut(customer_id) {
+            customer.followed_thread = true;
+        }
         if let Some(previous) = self.conversations.insert(customer_id.to_owned(), state)
             && previous.changed
         {
             self.parked.push((customer_id.to_owned(), previous));
         }
+    }
+
+    /// The times of a known customer's messages in the 24 hours before now.
+    pub fn contact_times(&mut self, customer_id: &str, times: Vec<i64>) {
+        if let Some(customer) = self.customers.get_mut(customer_id) {
+            customer.recent = u32::try_from(times.len()).unwrap_or(u32::MAX);
+            customer.contact_times = (times.len() <= MAX_CACHED_CONTACTS).then_some(times);
+        }
+    }
+
+    /// A customer as a cache kept it after an earlier batch: every read above at once. A
+    /// customer the batch already holds is left as it is.
+    pub fn cached(&mut self, customer_id: &str, snapshot: &CustomerSnapshot) {
+        if self.customers.contains_key(customer_id) {
+            return;
+        }
+        for identity in &snapshot.identities {
+            self.by_identity
+                .entry((identity.kind.clone(), identity.address.clone()))
+                .or_insert_with(|| customer_id.to_owned());
+        }
+        let since = self.now_ms - DAY_MS;
+        let contact_times: Vec<i64> = snapshot
+            .contact_times
+            .iter()
+            .copied()
+            .filter(|at| *at > since)
+            .collect();
+        self.customers.insert(
+            customer_id.to_owned(),
+            CustomerState {
+                attributes: snapshot.attributes.clone(),
+                identities: snapshot.identities.clone(),
+                identities_created: snapshot.identities_created.clone(),
+                recent: u32::try_from(contact_times.len()).unwrap_or(u32::MAX),
+                contact_times: Some(contact_times),
+                open_conversations: snapshot.open_conversations,
+                is_new: false,
+                followed_thread: false,
+                history: snapshot.history.clone(),
+            },
+        );
+        self.conversations.insert(
+            customer_id.to_owned(),
+            ConversationState::from(snapshot.conversation.clone()),
+        );
     }
 
     /// How many messages a known customer sent in the 24 hours before now.
@@ -409,6 +499,7 @@ impl<'m> Batch<'m> {
                                 kind: identity.0.clone(),
                                 address: identity.1.clone(),
                             });
+                            customer.identities_created.push(now_ms);
                         }
                     }
                 }
@@ -460,6 +551,12 @@ impl<'m> Batch<'m> {
             let routed = decide(message, &resolved);
 
             customer.recent = customer.recent.saturating_add(1);
+            if let Some(times) = &mut customer.contact_times {
+                times.push(now_ms);
+                if times.len() > MAX_CACHED_CONTACTS {
+                    customer.contact_times = None;
+                }
+            }
             if history_len > 0 {
                 if customer.history.len() >= history_len {
                     customer.history.pop_front();
@@ -516,6 +613,7 @@ impl<'m> Batch<'m> {
             messages: rows,
             merges,
             suggestions,
+            snapshots: Vec::new(),
         };
         for customer_id in &touched {
             // A customer merged into another in this batch may have handed its conversation
@@ -551,7 +649,53 @@ impl<'m> Batch<'m> {
                 writes.seen_conversations.push(conversation_row);
             }
         }
+        for customer_id in touched {
+            let snapshot = self.snapshot(&customer_id);
+            writes.snapshots.push((customer_id, snapshot));
+        }
         Ok(writes)
+    }
+
+    /// `customer_id`'s state after [`Self::decide`], when it is what the store holds once the
+    /// batch is committed: not after a thread reply switched conversations, nor without the
+    /// contact times. (After a merge in the batch the store drops its whole cache.)
+    fn snapshot(&self, customer_id: &str) -> Option<CustomerSnapshot> {
+        if !self.parked.is_empty() {
+            return None;
+        }
+        let customer = self.customers.get(customer_id)?;
+        if customer.followed_thread {
+            return None;
+        }
+        let conversation = self.conversations.get(customer_id)?;
+        // The store's order, which the batch's (loaded ones, then new ones as they came) is
+        // not when a batch adds several.
+        let mut identities: Vec<(i64, Identity)> = customer
+            .identities_created
+            .iter()
+            .copied()
+            .zip(customer.identities.iter().cloned())
+            .collect();
+        identities.sort_by(|(a_at, a), (b_at, b)| {
+            (a_at, &a.kind, &a.address).cmp(&(b_at, &b.kind, &b.address))
+        });
+        let (identities_created, identities) = identities.into_iter().unzip();
+        Some(CustomerSnapshot {
+            attributes: customer.attributes.clone(),
+            identities,
+            identities_created,
+            open_conversations: customer.open_conversations.max(1),
+            conversation: LoadedConversation {
+                id: conversation.id.clone(),
+                channels: conversation.channels.clone(),
+                message_count: conversation.message_count,
+                opened_at: conversation.opened_at,
+                agent_id: conversation.agent_id.clone(),
+                queue: conversation.queue.clone(),
+            },
+            history: customer.history.clone(),
+            contact_times: customer.contact_times.clone()?,
+        })
     }
 
     /// Folds customer `from` into `into` for the rest of the batch: its identities, attributes
@@ -564,16 +708,18 @@ impl<'m> Batch<'m> {
                 *owner = into.to_owned();
             }
         }
-        let (identities, attributes, recent, history, open) = match self.customers.get(from) {
-            Some(absorbed) => (
-                absorbed.identities.clone(),
-                absorbed.attributes.clone(),
-                absorbed.recent,
-                absorbed.history.clone(),
-                absorbed.open_conversations,
-            ),
-            None => Default::default(),
-        };
+        let (identities, created, attributes, recent, history, open) =
+            match self.customers.get(from) {
+                Some(absorbed) => (
+                    absorbed.identities.clone(),
+                    absorbed.identities_created.clone(),
+                    absorbed.attributes.clone(),
+                    absorbed.recent,
+                    absorbed.history.clone(),
+                    absorbed.open_conversations,
+                ),
+                None => Default::default(),
+            };
         let moved = !self.conversations.contains_key(into) && self.conversations.contains_key(from);
         if moved && let Some(conversation) = self.conversations.remove(from) {
             self.conversations.insert(into.to_owned(), conversation);
@@ -581,9 +727,10 @@ impl<'m> Batch<'m> {
         let keep_conversation = self.conversations.get(into).map(|c| c.id.clone());
         let mut conflicts = Map::new();
         if let Some(survivor) = self.customers.get_mut(into) {
-            for identity in &identities {
+            for (identity, created) in identities.iter().zip(created) {
                 if !survivor.identities.contains(identity) {
                     survivor.identities.push(identity.clone());
+                    survivor.identities_created.push(created);
                 }
             }
             conflicts = fold_attributes(&mut survivor.attributes, &attributes);

@@ -4,6 +4,7 @@
 //! batch with the shared [`batch`] logic; only their SQL differs.
 
 mod batch;
+mod cache;
 mod postgres;
 mod sqlite;
 
@@ -13,6 +14,7 @@ use switchboard_channel::NormalizedMessage;
 
 use crate::router::decide::{ConversationView, CustomerView};
 
+pub use cache::DEFAULT_CACHE_CUSTOMERS;
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 

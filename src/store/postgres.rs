@@ -503,7 +503,7 @@ async fn customer(
         return Ok(None);
     };
     let identities = sqlx::query(
-        "SELECT kind, address FROM identities WHERE customer_id = $1 ORDER BY created_at, kind",
+        "SELECT kind, address FROM identities WHERE customer_id = $1 ORDER BY created_at, kind, address",
     )
     .bind(id)
     .fetch_all(&mut *connection)
@@ -671,9 +671,9 @@ async fn route_in(
     }
     let known: Vec<String> = batch.known_customers().into_iter().cloned().collect();
     for row in sqlx::query(
-        "SELECT customer_id, kind, address FROM identities
+        "SELECT customer_id, kind, address, created_at FROM identities
          WHERE customer_id = ANY($1)
-         ORDER BY created_at, kind",
+         ORDER BY created_at, kind, address",
     )
     .bind(&known)
     .fetch_all(&mut *connection)
@@ -685,6 +685,7 @@ async fn route_in(
                 kind: row.get("kind"),
                 address: row.get("address"),
             },
+            row.get("created_at"),
         );
     }
     // Each customer's latest open conversation continues; without one, the latest closed

@@ -2,6 +2,7 @@
 //! committed transaction when the process crashes (the WAL is written before commit returns);
 //! only an OS crash or power loss can drop the last commits.
 
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
@@ -15,6 +16,7 @@ use sqlx::{QueryBuilder, Row as _, Sqlite, SqliteConnection};
 use switchboard_channel::NormalizedMessage;
 
 use super::batch::{Batch, DAY_MS, LoadedConversation, MergeRow, explicit_merge, merge_entry};
+use super::cache::CustomerCache;
 use super::{
     ConversationRecord, CustomerRecord, DecideFn, LinkOutcome, MergeOutcome, RouteOutcome, Store,
     StoreError, StoredDecision,
@@ -29,6 +31,11 @@ pub struct SqliteStore {
     /// published marks and the API's writes on one connection, the router's cache stays warm
     /// (measured: the router's reads went to the kernel for pages on every batch).
     writer: SqlitePool,
+    /// What the router's batches read about their customers, as the last batch left it.
+    cache: CustomerCache,
+    /// `store_generation` as this store's last write left it: when a batch finds another
+    /// value, another store on the same file wrote, and the cache is dropped.
+    generation: std::sync::atomic::AtomicI64,
     /// Checkpoints the WAL from a reader connection, off the writer's thread.
     checkpointer: tokio::task::JoinHandle<()>,
     path: PathBuf,
@@ -100,6 +107,8 @@ impl SqliteStore {
         Ok(Self {
             pool,
             writer,
+            cache: CustomerCache::new(super::DEFAULT_CACHE_CUSTOMERS),
+            generation: std::sync::atomic::AtomicI64::new(-1),
             checkpointer,
             path,
             reopen_window_ms: i64::try_from(super::DEFAULT_REOPEN_WINDOW.as_millis())
@@ -122,6 +131,24 @@ impl SqliteStore {
         self
     }
 
+    /// Keeps at most `customers` customers in memory for routing (0: none, every batch reads
+    /// the database).
+    #[must_use]
+    pub fn with_cache(mut self, customers: usize) -> Self {
+        self.cache = CustomerCache::new(customers);
+        self
+    }
+
+    /// Marks a write of this store in `store_generation` (inside the write's transaction).
+    async fn bump_generation(&self, connection: &mut SqliteConnection) -> Result<(), StoreError> {
+        let n: i64 = sqlx::query_scalar("UPDATE store_generation SET n = n + 1 RETURNING n")
+            .fetch_one(&mut *connection)
+            .await?;
+        self.generation
+            .store(n, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
     }
@@ -142,16 +169,48 @@ impl Store for SqliteStore {
     ) -> Result<Vec<RouteOutcome>, StoreError> {
         // IMMEDIATE: take the write lock first, so the reads below stay valid until commit.
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let generation: i64 = sqlx::query_scalar("SELECT n FROM store_generation")
+            .fetch_one(&mut *tx)
+            .await?;
+        if generation != self.generation.load(std::sync::atomic::Ordering::SeqCst) {
+            // Another store on this file wrote since our last write (or this is the first).
+            self.cache.clear();
+        }
         let outcomes = route_in(
             &mut tx,
+            &self.cache,
             messages,
             now_ms,
             self.reopen_window_ms,
             self.history,
             decide,
         )
-        .await?;
-        tx.commit().await?;
+        .await;
+        let wrote = |outcomes: &[RouteOutcome]| {
+            outcomes
+                .iter()
+                .any(|outcome| matches!(outcome, RouteOutcome::New { .. }))
+        };
+        let outcomes = match outcomes {
+            Ok(outcomes) if wrote(&outcomes) => match self.bump_generation(&mut tx).await {
+                Ok(()) => outcomes,
+                Err(error) => {
+                    self.cache.clear();
+                    return Err(error);
+                }
+            },
+            Ok(outcomes) => outcomes,
+            Err(error) => {
+                // The cache may already hold this batch's state; the rollback undoes it.
+                self.cache.clear();
+                return Err(error);
+            }
+        };
+        if let Err(error) = tx.commit().await {
+            self.cache.clear();
+            return Err(error.into());
+        }
+        metrics::gauge!("switchboard_store_cache_customers").set(self.cache.len() as f64);
         Ok(outcomes)
     }
 
@@ -226,6 +285,9 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await?;
         let updated = customer(&mut tx, &current.id).await?;
+        // Before the commit, while this transaction holds the writer: no batch runs between.
+        self.cache.evict(&current.id);
+        self.bump_generation(&mut tx).await?;
         tx.commit().await?;
         Ok(updated)
     }
@@ -250,6 +312,10 @@ impl Store for SqliteStore {
         .execute(&mut *tx)
         .await?;
         let record = conversation(&mut tx, id).await?;
+        if let Some(record) = &record {
+            self.cache.evict(&record.customer_id);
+        }
+        self.bump_generation(&mut tx).await?;
         tx.commit().await?;
         Ok(record)
     }
@@ -303,6 +369,8 @@ impl Store for SqliteStore {
             .await?;
         apply_merge(&mut tx, &row, now_ms).await?;
         let customer = customer(&mut tx, &into).await?;
+        self.cache.clear();
+        self.bump_generation(&mut tx).await?;
         tx.commit().await?;
         Ok(match customer {
             Some(customer) => MergeOutcome::Merged {
@@ -349,6 +417,8 @@ impl Store for SqliteStore {
             }
         }
         let record = customer(&mut tx, &customer_id).await?;
+        self.cache.evict(&customer_id);
+        self.bump_generation(&mut tx).await?;
         tx.commit().await?;
         Ok(record.map_or(LinkOutcome::UnknownCustomer, LinkOutcome::Linked))
     }
@@ -511,7 +581,7 @@ async fn customer(
         return Ok(None);
     };
     let identities = sqlx::query(
-        "SELECT kind, address FROM identities WHERE customer_id = ? ORDER BY created_at, kind",
+        "SELECT kind, address FROM identities WHERE customer_id = ? ORDER BY created_at, kind, address",
     )
     .bind(id)
     .fetch_all(&mut *connection)
@@ -621,6 +691,7 @@ async fn decision(
 /// statement is one round trip to the SQLite thread, whatever the batch size.
 async fn route_in(
     connection: &mut SqliteConnection,
+    cache: &CustomerCache,
     messages: &[NormalizedMessage],
     now_ms: i64,
     reopen_window_ms: i64,
@@ -651,83 +722,67 @@ async fn route_in(
         );
     }
 
-    let identities: Vec<[&str; 2]> = batch
-        .identities()
-        .map(|(kind, address)| [kind.as_str(), address.as_str()])
+    // Customers the cache holds come from it whole; the rest from the database.
+    let mut cached: HashSet<String> = HashSet::new();
+    let mut missing: Vec<[&str; 2]> = Vec::new();
+    let identities: Vec<(String, String)> = batch.identities().cloned().collect();
+    for identity in &identities {
+        match cache.lookup(identity) {
+            Some((customer_id, snapshot)) => {
+                if cached.insert(customer_id.clone()) {
+                    batch.cached(&customer_id, &snapshot);
+                }
+                // Known: the attributes come with the snapshot above.
+                batch.known_identity(identity.clone(), customer_id, || Ok(Map::new()))?;
+            }
+            None => missing.push([identity.0.as_str(), identity.1.as_str()]),
+        }
+    }
+    let hits = identities.len() - missing.len();
+    metrics::counter!("switchboard_store_cache_hits_total").increment(hits as u64);
+    metrics::counter!("switchboard_store_cache_misses_total").increment(missing.len() as u64);
+    if !missing.is_empty() {
+        for row in sqlx::query(
+            "SELECT i.kind, i.address, c.id, c.attributes
+             FROM jsonb_each(?) j
+             JOIN identities i ON i.kind = j.value ->> 0 AND i.address = j.value ->> 1
+             JOIN customers c ON c.id = i.customer_id",
+        )
+        .bind(serde_json::to_string(&missing)?)
+        .fetch_all(&mut *connection)
+        .await?
+        {
+            let customer_id: String = row.get("id");
+            if !cached.contains(&customer_id)
+                && let Some(snapshot) = cache.get(&customer_id)
+            {
+                cached.insert(customer_id.clone());
+                batch.cached(&customer_id, &snapshot);
+            }
+            batch.known_identity((row.get("kind"), row.get("address")), customer_id, || {
+                Ok(serde_json::from_str(row.get::<&str, _>("attributes"))?)
+            })?;
+        }
+    }
+    let loaded: Vec<&String> = batch
+        .known_customers()
+        .into_iter()
+        .filter(|id| !cached.contains(*id))
         .collect();
-    let identities = serde_json::to_string(&identities)?;
-    for row in sqlx::query(
-        "SELECT i.kind, i.address, c.id, c.attributes
-         FROM jsonb_each(?) j
-         JOIN identities i ON i.kind = j.value ->> 0 AND i.address = j.value ->> 1
-         JOIN customers c ON c.id = i.customer_id",
-    )
-    .bind(identities)
-    .fetch_all(&mut *connection)
-    .await?
-    {
-        batch.known_identity((row.get("kind"), row.get("address")), row.get("id"), || {
-            Ok(serde_json::from_str(row.get::<&str, _>("attributes"))?)
-        })?;
-    }
-    let known = serde_json::to_string(&batch.known_customers())?;
-    for row in sqlx::query(
-        "SELECT customer_id, kind, address FROM identities
-         WHERE customer_id IN (SELECT value FROM json_each(?))
-         ORDER BY created_at, kind",
-    )
-    .bind(&known)
-    .fetch_all(&mut *connection)
-    .await?
-    {
-        batch.customer_identity(
-            row.get("customer_id"),
-            Identity {
-                kind: row.get("kind"),
-                address: row.get("address"),
-            },
-        );
-    }
-    // Each customer's latest open conversation continues; without one, the latest closed
-    // within the reopen window does (open ones come first).
-    for row in sqlx::query(
-        "SELECT id, customer_id, status, channels, message_count, opened_at, agent_id, queue
-         FROM conversations
-         WHERE customer_id IN (SELECT value FROM json_each(?1))
-               AND (status = 'open' OR closed_at > ?2)
-         ORDER BY status = 'open' DESC, last_activity_at DESC",
-    )
-    .bind(&known)
-    .bind(now_ms.saturating_sub(reopen_window_ms))
-    .fetch_all(&mut *connection)
-    .await?
-    {
-        let open = row.get::<&str, _>("status") == "open";
-        batch.conversation(row.get("customer_id"), open, || {
-            Ok(LoadedConversation {
-                id: row.get("id"),
-                channels: serde_json::from_str(row.get::<&str, _>("channels"))?,
-                message_count: row.get("message_count"),
-                opened_at: row.get("opened_at"),
-                agent_id: row.get("agent_id"),
-                queue: row.get("queue"),
-            })
-        })?;
-    }
-    for row in sqlx::query(
-        "SELECT customer_id, count(*) AS n FROM messages
-         WHERE customer_id IN (SELECT value FROM json_each(?)) AND received_at > ?
-         GROUP BY customer_id",
-    )
-    .bind(&known)
-    .bind(now_ms - DAY_MS)
-    .fetch_all(&mut *connection)
-    .await?
-    {
-        batch.recent_contacts(row.get("customer_id"), row.get("n"));
+    let known = serde_json::to_string(&loaded)?;
+    drop(loaded);
+    if known != "[]" {
+        read_customers(
+            connection,
+            &mut batch,
+            &known,
+            now_ms,
+            reopen_window_ms,
+            history_len,
+        )
+        .await?;
     }
 
-    // The latest messages of each known customer, on every channel.
     // Replies in a thread: the conversation of the thread's latest message.
     let threads = batch.thread_keys();
     if !threads.is_empty() {
@@ -757,36 +812,6 @@ async fn route_in(
                     agent_id: row.get("agent_id"),
                     queue: row.get("queue"),
                 },
-            );
-        }
-    }
-
-    if history_len > 0 {
-        // One row: the whole batch's history as a JSON array (a row each would be a thread
-        // hand-off each).
-        let history: String = sqlx::query_scalar(
-            // Per customer, only its latest rows are read (index on customer, time).
-            "SELECT coalesce(json_group_array(
-                        json_array(m.customer_id, m.envelope ->> '$.channel.kind',
-                                   m.envelope ->> '$.text', m.received_at)
-                        ORDER BY m.customer_id, m.received_at, m.rowid), '[]')
-             FROM json_each(?1) c
-             JOIN messages m ON m.rowid IN (
-                 SELECT rowid FROM messages WHERE customer_id = c.value
-                 ORDER BY received_at DESC, rowid DESC LIMIT ?2)",
-        )
-        .bind(&known)
-        .bind(i64::try_from(history_len).unwrap_or(i64::MAX))
-        .fetch_one(&mut *connection)
-        .await?;
-        let rows: Vec<(String, Option<String>, Option<String>, i64)> =
-            serde_json::from_str(&history)?;
-        for (customer_id, channel, text, at) in rows {
-            batch.history(
-                &customer_id,
-                channel.unwrap_or_default(),
-                text.unwrap_or_default(),
-                at,
             );
         }
     }
@@ -893,7 +918,124 @@ async fn route_in(
         apply_merge(connection, merge, now_ms).await?;
     }
     record_merges(connection, &decided.suggestions, "suggested", now_ms).await?;
+    // Still inside the transaction (see cache.rs); the caller clears the cache if it fails.
+    if decided.merges.is_empty() {
+        for (customer_id, snapshot) in decided.snapshots {
+            match snapshot {
+                Some(snapshot) => cache.put(customer_id, snapshot),
+                None => cache.evict(&customer_id),
+            }
+        }
+    } else {
+        cache.clear();
+    }
     Ok(decided.outcomes)
+}
+
+/// Everything a batch reads about `known` (a JSON array of customer ids) that the cache did not
+/// hold: identities, the conversation to continue, contact times, history.
+async fn read_customers(
+    connection: &mut SqliteConnection,
+    batch: &mut Batch<'_>,
+    known: &str,
+    now_ms: i64,
+    reopen_window_ms: i64,
+    history_len: usize,
+) -> Result<(), StoreError> {
+    for row in sqlx::query(
+        "SELECT customer_id, kind, address, created_at FROM identities
+         WHERE customer_id IN (SELECT value FROM json_each(?))
+         ORDER BY created_at, kind, address",
+    )
+    .bind(known)
+    .fetch_all(&mut *connection)
+    .await?
+    {
+        batch.customer_identity(
+            row.get("customer_id"),
+            Identity {
+                kind: row.get("kind"),
+                address: row.get("address"),
+            },
+            row.get("created_at"),
+        );
+    }
+    // Each customer's latest open conversation continues; without one, the latest closed
+    // within the reopen window does (open ones come first).
+    for row in sqlx::query(
+        "SELECT id, customer_id, status, channels, message_count, opened_at, agent_id, queue
+         FROM conversations
+         WHERE customer_id IN (SELECT value FROM json_each(?1))
+               AND (status = 'open' OR closed_at > ?2)
+         ORDER BY status = 'open' DESC, last_activity_at DESC",
+    )
+    .bind(known)
+    .bind(now_ms.saturating_sub(reopen_window_ms))
+    .fetch_all(&mut *connection)
+    .await?
+    {
+        let open = row.get::<&str, _>("status") == "open";
+        batch.conversation(row.get("customer_id"), open, || {
+            Ok(LoadedConversation {
+                id: row.get("id"),
+                channels: serde_json::from_str(row.get::<&str, _>("channels"))?,
+                message_count: row.get("message_count"),
+                opened_at: row.get("opened_at"),
+                agent_id: row.get("agent_id"),
+                queue: row.get("queue"),
+            })
+        })?;
+    }
+    // One row: per customer, the times of its messages in the last 24 hours.
+    let times: String = sqlx::query_scalar(
+        "SELECT coalesce(json_group_object(customer_id, json(times)), '{}')
+         FROM (SELECT customer_id, json_group_array(received_at) AS times FROM messages
+               WHERE customer_id IN (SELECT value FROM json_each(?)) AND received_at > ?
+               GROUP BY customer_id)",
+    )
+    .bind(known)
+    .bind(now_ms - DAY_MS)
+    .fetch_one(&mut *connection)
+    .await?;
+    let mut times: HashMap<String, Vec<i64>> = serde_json::from_str(&times)?;
+    let ids: Vec<String> = serde_json::from_str(known)?;
+    for customer_id in ids {
+        let times = times.remove(&customer_id).unwrap_or_default();
+        batch.contact_times(&customer_id, times);
+    }
+
+    // The latest messages of each customer, on every channel.
+    if history_len > 0 {
+        // One row: the whole batch's history as a JSON array (a row each would be a thread
+        // hand-off each).
+        let history: String = sqlx::query_scalar(
+            // Per customer, only its latest rows are read (index on customer, time).
+            "SELECT coalesce(json_group_array(
+                        json_array(m.customer_id, m.envelope ->> '$.channel.kind',
+                                   m.envelope ->> '$.text', m.received_at)
+                        ORDER BY m.customer_id, m.received_at, m.rowid), '[]')
+             FROM json_each(?1) c
+             JOIN messages m ON m.rowid IN (
+                 SELECT rowid FROM messages WHERE customer_id = c.value
+                 ORDER BY received_at DESC, rowid DESC LIMIT ?2)",
+        )
+        .bind(known)
+        .bind(i64::try_from(history_len).unwrap_or(i64::MAX))
+        .fetch_one(&mut *connection)
+        .await?;
+        let rows: Vec<(String, Option<String>, Option<String>, i64)> =
+            serde_json::from_str(&history)?;
+        for (customer_id, channel, text, at) in rows {
+            batch.history(
+                &customer_id,
+                channel.unwrap_or_default(),
+                text.unwrap_or_default(),
+                at,
+            );
+        }
+    }
+
+    Ok(())
 }
 
 /// Rows per multi-row INSERT (9 parameters each, well under SQLite's limit of 32,766).

@@ -23,6 +23,8 @@ const DEFAULT_POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 enum Backend {
     Sqlite,
     Postgres,
+    /// SQLite without its customer cache: every batch reads the database.
+    SqliteUncached,
 }
 
 /// Generates `mod sqlite` and `mod postgres`, each with one `#[tokio::test]` per named test
@@ -67,6 +69,7 @@ on_both_backends!(
     an_explicit_merge_moves_everything_and_is_audited,
     linking_an_identity_refuses_another_customers,
     a_reply_in_a_thread_continues_its_conversation,
+    another_stores_writes_reach_every_later_batch,
 );
 
 /// One test's store, and the place it lives in (removed when dropped, after the store).
@@ -84,7 +87,7 @@ impl TestStore {
 
     async fn with(backend: Backend, reopen_window: Duration, history: usize) -> Self {
         let (url, dir, schema) = match backend {
-            Backend::Sqlite => {
+            Backend::Sqlite | Backend::SqliteUncached => {
                 let dir = tempfile::tempdir().unwrap();
                 let url = format!("sqlite://{}", dir.path().join("s.db").display());
                 (url, Some(dir), None)
@@ -94,7 +97,17 @@ impl TestStore {
                 (schema.url.clone(), None, Some(schema))
             }
         };
-        let store = open(&url, reopen_window, history).await.unwrap();
+        let store: Arc<dyn Store> = match backend {
+            Backend::SqliteUncached => Arc::new(
+                SqliteStore::open(&url)
+                    .await
+                    .unwrap()
+                    .with_reopen_window(reopen_window)
+                    .with_history(history)
+                    .with_cache(0),
+            ),
+            _ => open(&url, reopen_window, history).await.unwrap(),
+        };
         Self {
             store,
             url,
@@ -638,6 +651,39 @@ async fn two_nodes_racing_agree_on_new_customers_and_duplicates(backend: Backend
     two.close().await;
 }
 
+/// Two stores on one database (two nodes, or two daemons on one SQLite file): whatever one
+/// wrote, the other's next batch sees, cache or not.
+async fn another_stores_writes_reach_every_later_batch(backend: Backend) {
+    let one = TestStore::open(backend).await;
+    let two = one.another().await;
+    let (_, seen) = route(&one, &[message("m-1", "dana", "webchat")], 1_000).await;
+    let dana = seen[0].customer.id.clone();
+    let conversation = seen[0].conversation.id.clone();
+    let (_, seen) = route(&two, &[message("m-2", "dana", "email")], 2_000).await;
+    assert_eq!(seen[0].customer.id, dana);
+    let patch = json!({"tier": "gold"});
+    two.patch_attributes(&dana, patch.as_object().unwrap())
+        .await
+        .unwrap();
+    let (_, seen) = route(&one, &[message("m-3", "dana", "sms")], 3_000).await;
+    let after = &seen[0];
+    assert_eq!(after.conversation.id, conversation);
+    assert_eq!(after.conversation.message_count, 2, "m-2 counted");
+    assert_eq!(after.customer.contacts_last_24h, 3);
+    assert_eq!(after.customer.attributes.get("tier"), Some(&json!("gold")));
+    assert_eq!(after.customer.channels_used, ["webchat", "email", "sms"]);
+    let texts: Vec<&str> = after.history.iter().map(|h| h.channel.as_str()).collect();
+    assert_eq!(texts, ["webchat", "email"]);
+    two.close_conversation(&conversation, 4_000).await.unwrap();
+    let (_, seen) = route(&one, &[message("m-4", "dana", "webchat")], 5_000).await;
+    assert_eq!(
+        seen[0].conversation.id, conversation,
+        "reopened: within the window"
+    );
+    assert_eq!(seen[0].customer.open_conversations, 1);
+    two.close().await;
+}
+
 fn customers_conversation<'a>(a: &'a [Resolved], b: &'a [Resolved]) -> &'a str {
     &a.iter().chain(b).next().unwrap().conversation.id
 }
@@ -687,6 +733,15 @@ async fn both_backends_give_the_same_results() {
     let sqlite = scenario(Backend::Sqlite).await;
     let postgres = scenario(Backend::Postgres).await;
     assert_eq!(sqlite, postgres);
+}
+
+/// The SQLite store's customer cache changes nothing: the same scenario (API writes between
+/// batches included) gives the same decisions' inputs and records with and without it.
+#[tokio::test]
+async fn sqlite_cache_gives_what_the_database_gives() {
+    let cached = scenario(Backend::Sqlite).await;
+    let uncached = scenario(Backend::SqliteUncached).await;
+    assert_eq!(cached, uncached);
 }
 
 async fn scenario(backend: Backend) -> Value {
@@ -768,6 +823,26 @@ async fn scenario(backend: Backend) -> Value {
         if round == 1 || round == 3 {
             let conversation = seen[0].conversation.id.clone();
             store.close_conversation(&conversation, *now).await.unwrap();
+        }
+        // API writes between batches: the next batch sees each of them.
+        if round == 0 {
+            let dana = seen[0].customer.id.clone();
+            let patch = json!({"tier": "gold", "last": null});
+            store
+                .patch_attributes(&dana, patch.as_object().unwrap())
+                .await
+                .unwrap();
+        }
+        if round == 2 {
+            let (eli, dana) = (seen[0].customer.id.clone(), seen[1].customer.id.clone());
+            store
+                .link_identity(&dana, "phone", "+1777", *now)
+                .await
+                .unwrap();
+            store
+                .patch_attributes(&eli, json!({"tier": "silver"}).as_object().unwrap())
+                .await
+                .unwrap();
         }
         for r in &seen {
             if !conversations.contains(&r.conversation.id) {
