@@ -58,10 +58,10 @@ impl CustomerCache {
                 customer_id.clone(),
             );
         }
-        self.customers.insert(customer_id, Arc::new(snapshot));
-        if self.customers.len() > self.capacity {
+        if self.customers.len() >= self.capacity && !self.customers.contains_key(&customer_id) {
             self.shrink();
         }
+        self.customers.insert(customer_id, Arc::new(snapshot));
     }
 
     /// Forgets `customer_id` and the identities that lead to it.
@@ -87,10 +87,10 @@ impl CustomerCache {
         self.customers.len()
     }
 
-    /// Drops a tenth of the capacity, whichever entries come first (no recency order: the
-    /// next batch of those customers reads the store, as on a cold start).
+    /// Makes room: drops a tenth of the capacity, whichever entries come first (no recency
+    /// order: the next batch of those customers reads the store, as on a cold start).
     fn shrink(&self) {
-        let excess = self.customers.len().saturating_sub(self.capacity);
+        let excess = (self.customers.len() + 1).saturating_sub(self.capacity);
         let drop = excess.max(self.capacity / 10).max(1);
         let victims: Vec<String> = self
             .customers
@@ -101,5 +101,78 @@ impl CustomerCache {
         for customer_id in victims {
             self.evict(&customer_id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use serde_json::Map;
+
+    use super::*;
+    use crate::router::decide::Identity;
+    use crate::store::batch::LoadedConversation;
+
+    fn snapshot(address: &str) -> CustomerSnapshot {
+        CustomerSnapshot {
+            attributes: Map::new(),
+            identities: vec![Identity {
+                kind: "email".into(),
+                address: address.into(),
+            }],
+            identities_created: vec![1],
+            open_conversations: 1,
+            conversation: LoadedConversation {
+                id: format!("conversation of {address}"),
+                channels: vec!["webchat".into()],
+                message_count: 1,
+                opened_at: 1,
+                agent_id: None,
+                queue: None,
+            },
+            history: VecDeque::new(),
+            contact_times: vec![1],
+        }
+    }
+
+    fn email(address: &str) -> (String, String) {
+        ("email".into(), address.into())
+    }
+
+    #[test]
+    fn holds_at_most_its_capacity_and_forgets_identities_with_their_customer() {
+        let cache = CustomerCache::new(10);
+        for i in 0..25 {
+            cache.put(format!("c{i}"), snapshot(&format!("a{i}@x")));
+            assert!(cache.len() <= 10, "{} after {i}", cache.len());
+        }
+        let kept = (0..25)
+            .filter(|i| cache.lookup(&email(&format!("a{i}@x"))).is_some())
+            .count();
+        assert_eq!(
+            kept,
+            cache.len(),
+            "an identity leads only to a kept customer"
+        );
+        assert_eq!(cache.identities.len(), cache.len());
+
+        cache.put("c99".into(), snapshot("a99@x"));
+        let (id, found) = cache.lookup(&email("a99@x")).unwrap();
+        assert_eq!(id, "c99");
+        assert_eq!(found.conversation.id, "conversation of a99@x");
+        cache.evict("c99");
+        assert!(cache.lookup(&email("a99@x")).is_none());
+        assert!(cache.get("c99").is_none());
+        cache.clear();
+        assert_eq!((cache.len(), cache.identities.len()), (0, 0));
+    }
+
+    #[test]
+    fn capacity_zero_keeps_nothing() {
+        let cache = CustomerCache::new(0);
+        cache.put("c".into(), snapshot("a@x"));
+        assert!(cache.lookup(&email("a@x")).is_none());
+        assert_eq!(cache.len(), 0);
     }
 }
