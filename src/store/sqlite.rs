@@ -766,18 +766,17 @@ async fn route_in(
             })?;
         }
     }
-    let loaded: Vec<&String> = batch
+    let loaded: Vec<String> = batch
         .known_customers()
         .into_iter()
         .filter(|id| !cached.contains(*id))
+        .cloned()
         .collect();
-    let known = serde_json::to_string(&loaded)?;
-    drop(loaded);
-    if known != "[]" {
+    if !loaded.is_empty() {
         read_customers(
             connection,
             &mut batch,
-            &known,
+            &loaded,
             now_ms,
             reopen_window_ms,
             history_len,
@@ -927,16 +926,18 @@ async fn route_in(
     Ok(decided.outcomes)
 }
 
-/// Everything a batch reads about `known` (a JSON array of customer ids) that the cache did not
-/// hold: identities, the conversation to continue, contact times, history.
+/// Everything a batch reads about the customers `ids` that the cache did not hold:
+/// identities, the conversation to continue, contact times, history.
 async fn read_customers(
     connection: &mut SqliteConnection,
     batch: &mut Batch<'_>,
-    known: &str,
+    ids: &[String],
     now_ms: i64,
     reopen_window_ms: i64,
     history_len: usize,
 ) -> Result<(), StoreError> {
+    let known = serde_json::to_string(ids)?;
+    let known = known.as_str();
     for row in sqlx::query(
         "SELECT customer_id, kind, address, created_at FROM identities
          WHERE customer_id IN (SELECT value FROM json_each(?))
@@ -984,10 +985,9 @@ async fn read_customers(
     .fetch_one(&mut *connection)
     .await?;
     let mut times: HashMap<String, Vec<i64>> = serde_json::from_str(&times)?;
-    let ids: Vec<String> = serde_json::from_str(known)?;
     for customer_id in ids {
-        let times = times.remove(&customer_id).unwrap_or_default();
-        batch.contact_times(&customer_id, times);
+        let times = times.remove(customer_id).unwrap_or_default();
+        batch.contact_times(customer_id, times);
     }
 
     // The latest messages of each customer, on every channel.
