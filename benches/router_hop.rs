@@ -6,7 +6,8 @@
 //! `BENCH_SECONDS` (10), `BENCH_ONLY` (`hop` or `raw`: profile one side; the ratio is then NaN),
 //! `BENCH_RULES` (a rules directory instead of the shipped `routing-rules/`), `BENCH_STORE=none`
 //! (diagnostic: the hop with a store that records nothing and resolves every message to a new
-//! customer, i.e. the ceiling the bus and the decision leave; not the product's figure).
+//! customer, i.e. the ceiling the bus and the decision leave; not the product's figure),
+//! `BENCH_KEEP` (keep the hop's SQLite file and print its path, to look at what was written).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -325,6 +326,9 @@ async fn router_hop(n: usize) -> f64 {
     tracker.close();
     tracker.wait().await;
     delete_prefix(&connection, &prefix, &agent_queues).await;
+    if std::env::var("BENCH_KEEP").is_ok() {
+        eprintln!("the hop's store: {}", dir.keep().join("b.db").display());
+    }
     n as f64 / elapsed.as_secs_f64()
 }
 
@@ -478,9 +482,11 @@ async fn webhook_latency(rate: usize, seconds: usize) -> (f64, f64, f64, usize) 
     }
 
     // Consume every agent queue and note when each assignment arrives.
-    let queues = ["general", "billing", "technical", "sales", "escalations"];
+    let queues = RuleSet::load_dir(&repo().join("routing-rules"))
+        .unwrap()
+        .queue_names();
     let (arrived_tx, mut arrived_rx) = tokio::sync::mpsc::unbounded_channel::<(String, Instant)>();
-    for q in queues {
+    for q in &queues {
         let channel = connection.create_channel().await.unwrap();
         let mut consumer = channel
             .basic_consume(

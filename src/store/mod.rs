@@ -35,6 +35,8 @@ pub enum StoreError {
     Retry(String),
     #[error("stored JSON is corrupt: {0}")]
     Corrupt(#[from] serde_json::Error),
+    #[error("a stored assignment is corrupt: {0}")]
+    CorruptAssignment(String),
     #[error("unsupported store URL `{0}`: use sqlite://PATH, postgres://… or postgresql://…")]
     Unsupported(String),
     #[error("cannot open the store at {url}: {message}")]

@@ -12,7 +12,7 @@ use serde_json::{Map, Value, json};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{QueryBuilder, Row as _, Sqlite, SqliteConnection};
+use sqlx::{QueryBuilder, Row as _, Sqlite, SqliteConnection, TypeInfo as _, ValueRef as _};
 use switchboard_channel::NormalizedMessage;
 
 use super::batch::{Batch, DAY_MS, LoadedConversation, MergeRow, explicit_merge, merge_entry};
@@ -85,7 +85,11 @@ impl SqliteStore {
             .foreign_keys(true)
             // 32 MiB page cache per connection: the hot customer and conversation pages stay
             // in memory instead of being read back through the kernel for every batch.
-            .pragma("cache_size", "-32768");
+            .pragma("cache_size", "-32768")
+            // Statement journals (a multi-row INSERT or UPDATE … FROM inside the batch's
+            // transaction keeps one, to undo just that statement) spill to a file in /var/tmp
+            // past 64 KiB: measured 3.5 KB of temp-file writes per routed message. In memory.
+            .pragma("temp_store", "memory");
         // The writer does not checkpoint every ~1,000 pages (a few MiB copied back into the
         // database would stall the router's commit); a background task does it from another
         // connection (measured: a batch of 128's commit 6.3 → 3.4 ms). A checkpoint running
@@ -620,9 +624,13 @@ async fn conversation(
     };
     let mut messages = Vec::new();
     for m in sqlx::query(
+        // Through the customer's messages (index on customer, time): the router writes that
+        // index for every message anyway, and one on conversations would cost a second
+        // random page write per message for this one reader.
         "SELECT envelope, direction, received_at FROM messages
-         WHERE conversation_id = ? ORDER BY received_at, rowid",
+         WHERE customer_id = ? AND conversation_id = ? ORDER BY received_at, rowid",
     )
+    .bind(row.get::<&str, _>("customer_id"))
     .bind(id)
     .fetch_all(&mut *connection)
     .await?
@@ -636,14 +644,18 @@ async fn conversation(
     }
     let mut decisions = Vec::new();
     for d in sqlx::query(
-        "SELECT queue, urgency, priority, decided_at, assignment FROM decisions
-         WHERE conversation_id = ? ORDER BY decided_at, rowid",
+        "SELECT d.queue, d.urgency, d.priority, d.decided_at, d.assignment
+         FROM messages m
+         JOIN decisions d ON d.channel_id = m.channel_id AND d.external_id = m.external_id
+         WHERE m.customer_id = ? AND m.conversation_id = ?
+         ORDER BY d.decided_at, d.rowid",
     )
+    .bind(row.get::<&str, _>("customer_id"))
     .bind(id)
     .fetch_all(&mut *connection)
     .await?
     {
-        let assignment: Value = serde_json::from_str(d.get::<&str, _>("assignment"))?;
+        let assignment: Value = serde_json::from_str(&assignment(&d)?)?;
         decisions.push(json!({
             "queue": d.get::<String, _>("queue"),
             "urgency": d.get::<i64, _>("urgency"),
@@ -685,7 +697,7 @@ async fn decision(
     .bind(external_id)
     .fetch_optional(&mut *connection)
     .await?;
-    Ok(row.as_ref().map(stored_decision))
+    row.as_ref().map(stored_decision).transpose()
 }
 
 /// The whole batch in a fixed number of statements: bulk reads keyed by JSON arrays, the
@@ -720,7 +732,7 @@ async fn route_in(
         batch.existing(
             row.get("channel_id"),
             row.get("external_id"),
-            stored_decision(&row),
+            stored_decision(&row)?,
         );
     }
 
@@ -903,7 +915,7 @@ async fn route_in(
                 .push_bind(&row.queue)
                 .push_bind(i64::from(row.urgency))
                 .push_bind(i64::from(row.priority))
-                .push_bind(&row.assignment)
+                .push_bind(pack_assignment(&row.assignment))
                 .push_bind(now_ms);
         });
         insert.build().execute(&mut *connection).await?;
@@ -1040,11 +1052,82 @@ fn loaded_conversation(row: &sqlx::sqlite::SqliteRow) -> Result<LoadedConversati
 /// Rows per multi-row INSERT (9 parameters each, well under SQLite's limit of 32,766).
 const ROWS_PER_INSERT: usize = 256;
 
-fn stored_decision(row: &sqlx::sqlite::SqliteRow) -> StoredDecision {
-    StoredDecision {
-        assignment: row.get("assignment"),
+fn stored_decision(row: &sqlx::sqlite::SqliteRow) -> Result<StoredDecision, StoreError> {
+    Ok(StoredDecision {
+        assignment: assignment(row)?,
         queue: row.get("queue"),
         priority: u8::try_from(row.get::<i64, _>("priority")).unwrap_or(0),
         published: row.get::<i64, _>("published") != 0,
+    })
+}
+
+/// The assignment as `decisions.assignment` stores it: LZ4-compressed (a block with its size
+/// in front), as a BLOB. A decision row is the largest thing a batch writes (~2.4 KB of JSON,
+/// one row per 4 KiB page); compressed, about three rows share a page.
+fn pack_assignment(assignment: &str) -> Vec<u8> {
+    lz4_flex::compress_prepend_size(assignment.as_bytes())
+}
+
+/// The assignment JSON of a `decisions` row: a BLOB is [`pack_assignment`]'s form; TEXT is
+/// the plain JSON rows written before migration 0008 hold.
+fn assignment(row: &sqlx::sqlite::SqliteRow) -> Result<String, StoreError> {
+    let raw = row.try_get_raw("assignment")?;
+    if raw.type_info().name() != "BLOB" {
+        return Ok(row.try_get("assignment")?);
+    }
+    let packed: &[u8] = row.try_get("assignment")?;
+    let json = lz4_flex::decompress_size_prepended(packed)
+        .map_err(|error| StoreError::CorruptAssignment(error.to_string()))?;
+    String::from_utf8(json).map_err(|error| StoreError::CorruptAssignment(error.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn insert_decision(
+        store: &SqliteStore,
+        external_id: &str,
+        assignment: Vec<u8>,
+        text: bool,
+    ) {
+        let insert = "INSERT INTO decisions (channel_id, external_id, conversation_id, queue,
+                                             urgency, priority, assignment, decided_at)
+                      VALUES ('chat', ?, 'c1', 'general', 10, 1, ?, 0)";
+        let query = sqlx::query(insert).bind(external_id);
+        let query = if text {
+            query.bind(String::from_utf8(assignment).unwrap())
+        } else {
+            query.bind(assignment)
+        };
+        query.execute(&store.writer).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn assignments_read_back_packed_plain_and_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let store = SqliteStore::open(&url).await.unwrap();
+        let json = r#"{"id":"a","data":{"queue":"general","explanation":{"rules":[]}}}"#;
+        insert_decision(&store, "packed", pack_assignment(json), false).await;
+        // As every row written before migration 0008 holds it.
+        insert_decision(&store, "plain", json.as_bytes().to_vec(), true).await;
+        insert_decision(&store, "corrupt", vec![0x40, 0, 0, 0, 0xf0, 1], false).await;
+
+        for key in ["packed", "plain"] {
+            let decision = store.decision("chat", key).await.unwrap().unwrap();
+            assert_eq!(decision.assignment, json, "{key}");
+        }
+        let error = store.decision("chat", "corrupt").await.unwrap_err();
+        assert!(matches!(error, StoreError::CorruptAssignment(_)), "{error}");
+        let kinds: Vec<String> =
+            sqlx::query_scalar("SELECT typeof(assignment) FROM decisions ORDER BY rowid")
+                .fetch_all(&store.writer)
+                .await
+                .unwrap();
+        assert_eq!(kinds, ["blob", "text", "blob"]);
+        // Packed is what the router writes, and it is smaller.
+        assert!(pack_assignment(&json.repeat(20)).len() < json.len() * 20 / 4);
+        store.close().await;
     }
 }

@@ -392,6 +392,31 @@ async fn sqlite_unwritable_location_is_a_clear_error() {
     );
 }
 
+/// The router's decisions are stored packed (see `sqlite::pack_assignment`) and read back as
+/// the JSON that was decided.
+#[tokio::test]
+async fn sqlite_stores_assignments_packed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.db");
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(&format!("sqlite://{}", path.display()))
+            .await
+            .unwrap(),
+    );
+    route(&store, &[message("m1", "dana", "webchat")], 1_000).await;
+    let decision = store.decision("chat", "m1").await.unwrap().unwrap();
+    assert_eq!(decision.assignment, r#"{"for": "m1"}"#);
+    let mut connection = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    let kind: String = sqlx::query_scalar("SELECT typeof(assignment) FROM decisions")
+        .fetch_one(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(kind, "blob");
+    store.close().await;
+}
+
 async fn a_closed_conversation_reopens_within_the_window_and_not_after(backend: Backend) {
     let store = TestStore::with(backend, Duration::from_secs(72 * 3600), DEFAULT_HISTORY).await;
     let hour = 60 * 60 * 1000;
