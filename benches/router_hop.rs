@@ -7,7 +7,13 @@
 //! `BENCH_RULES` (a rules directory instead of the shipped `routing-rules/`), `BENCH_STORE=none`
 //! (diagnostic: the hop with a store that records nothing and resolves every message to a new
 //! customer, i.e. the ceiling the bus and the decision leave; not the product's figure),
-//! `BENCH_KEEP` (keep the hop's SQLite file and print its path, to look at what was written).
+//! `BENCH_KEEP` (keep the hop's SQLite file and print its path, to look at what was written),
+//! `BENCH_THREADS` (also print the hop's CPU per message by thread of this process).
+//!
+//! Besides the rates, each run reports the CPU time per message of this process (the relay
+//! client, or the router with its store) and of the broker (`beam.smp`, read from `/proc`):
+//! unlike the rates, which swing ±10% from run to run on this shared 2-core machine, it says
+//! where the cost is.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -104,33 +110,129 @@ async fn fill(connection: &Connection, exchange: &str, key: &str, bodies: &[Vec<
     }
 }
 
-async fn depth(connection: &Connection, queue: &str) -> u32 {
-    let channel = connection.create_channel().await.unwrap();
-    let q = channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let _ = channel.close(200, "".into()).await;
-    q.message_count()
+/// CPU time (user + system) a process has used so far, in clock ticks of 10 ms; `None` where
+/// `/proc` cannot tell.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    cpu_ticks_at(std::path::Path::new(&format!("/proc/{pid}/stat")))
 }
 
+fn cpu_ticks_at(path: &std::path::Path) -> Option<u64> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    // Fields after the command name (which may hold spaces), from field 3 on.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+/// This process's threads: id → (name, CPU ticks).
+fn threads() -> HashMap<u32, (String, u64)> {
+    let mut threads = HashMap::new();
+    for task in std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
+            continue;
+        };
+        let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if let Some(ticks) = cpu_ticks_at(&task.path().join("stat")) {
+            threads.insert(tid, (name.trim().to_owned(), ticks));
+        }
+    }
+    threads
+}
+
+/// The RabbitMQ server's process (`beam.smp`) on this machine, if there is one.
+fn broker_pid() -> Option<u32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let comm = std::fs::read_to_string(entry.path().join("comm")).ok()?;
+            (comm.trim() == "beam.smp").then_some(pid)
+        })
+}
+
+/// Throughput of one side, and the CPU it cost per message: this process (the relay, or the
+/// router with its store) and the broker, in microseconds.
+struct Side {
+    rate: f64,
+    ours_us: f64,
+    broker_us: f64,
+}
+
+/// Measures CPU from now until [`Meter::finish`].
+struct Meter {
+    started: Instant,
+    threads: HashMap<u32, (String, u64)>,
+    ours: Option<u64>,
+    broker: Option<(u32, u64)>,
+}
+
+impl Meter {
+    fn start() -> Self {
+        let broker = broker_pid().and_then(|pid| Some((pid, cpu_ticks(pid)?)));
+        Self {
+            started: Instant::now(),
+            threads: threads(),
+            ours: cpu_ticks(std::process::id()),
+            broker,
+        }
+    }
+
+    fn finish(self, n: usize) -> Side {
+        let elapsed = self.started.elapsed();
+        if std::env::var("BENCH_THREADS").is_ok() {
+            let mut by_name: std::collections::BTreeMap<String, f64> = Default::default();
+            for (tid, (name, ticks)) in threads() {
+                let before = self.threads.get(&tid).map_or(0, |(_, t)| *t);
+                *by_name.entry(name).or_default() += (ticks - before) as f64 * 10_000.0 / n as f64;
+            }
+            by_name.retain(|_, us| *us > 0.0);
+            eprintln!("CPU per message by thread (µs): {by_name:.1?}");
+        }
+        let per_message = |before: Option<u64>, after: Option<u64>| match (before, after) {
+            (Some(before), Some(after)) => (after - before) as f64 * 10_000.0 / n as f64,
+            _ => f64::NAN,
+        };
+        Side {
+            rate: n as f64 / elapsed.as_secs_f64(),
+            ours_us: per_message(self.ours, cpu_ticks(std::process::id())),
+            broker_us: per_message(
+                self.broker.map(|(_, ticks)| ticks),
+                self.broker.and_then(|(pid, _)| cpu_ticks(pid)),
+            ),
+        }
+    }
+}
+
+/// Waits until `queues` hold `total` messages between them. One channel, polled every 10 ms:
+/// a channel opened per poll and queue (as this bench first did) is broker work the relay
+/// side does not carry, measured against the hop.
 async fn wait_depth(connection: &Connection, queues: &[String], total: u32) {
+    let channel = connection.create_channel().await.unwrap();
     loop {
         let mut sum = 0;
         for q in queues {
-            sum += depth(connection, q).await;
+            sum += channel
+                .queue_declare(
+                    q.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap()
+                .message_count();
         }
         if sum >= total {
+            let _ = channel.close(200, "".into()).await;
             return;
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -259,7 +361,7 @@ impl Store for NoStore {
 }
 
 /// The router hop: consume normalized message → decide → store → publish assignment → ack.
-async fn router_hop(n: usize) -> f64 {
+async fn router_hop(n: usize) -> Side {
     let connection = connect().await;
     let prefix = format!(
         "bench-hop-{}",
@@ -315,11 +417,11 @@ async fn router_hop(n: usize) -> f64 {
         store,
         loads: Default::default(),
     };
-    let started = Instant::now();
+    let meter = Meter::start();
     let stop = CancellationToken::new();
     let handle = tokio::spawn(router.run_on_own_thread(bus.router_link(), stop.clone()));
     wait_depth(&connection, &agent_queues, n as u32).await;
-    let elapsed = started.elapsed();
+    let side = meter.finish(n);
     stop.cancel();
     let _ = handle.await;
     cancel.cancel();
@@ -329,12 +431,12 @@ async fn router_hop(n: usize) -> f64 {
     if std::env::var("BENCH_KEEP").is_ok() {
         eprintln!("the hop's store: {}", dir.keep().join("b.db").display());
     }
-    n as f64 / elapsed.as_secs_f64()
+    side
 }
 
 /// The raw relay: consume → republish with confirm → ack, no work, same payloads and prefetch,
 /// confirms awaited per batch of what the consumer has in hand.
-async fn raw_relay(n: usize) -> f64 {
+async fn raw_relay(n: usize) -> Side {
     let connection = connect().await;
     let prefix = format!(
         "bench-raw-{}",
@@ -397,7 +499,7 @@ async fn raw_relay(n: usize) -> f64 {
         )
         .await
         .unwrap();
-    let started = Instant::now();
+    let meter = Meter::start();
     let mut relayed = 0;
     while relayed < n {
         let first = consumer.next().await.unwrap().unwrap();
@@ -427,14 +529,14 @@ async fn raw_relay(n: usize) -> f64 {
             .unwrap();
         relayed += batch.len();
     }
-    let elapsed = started.elapsed();
+    let side = meter.finish(n);
     let _ = setup
         .queue_delete(source.as_str().into(), QueueDeleteOptions::default())
         .await;
     let _ = setup
         .queue_delete(target.as_str().into(), QueueDeleteOptions::default())
         .await;
-    n as f64 / elapsed.as_secs_f64()
+    side
 }
 
 /// Webhook → assignment latency through the real daemon at a fixed request rate.
@@ -579,20 +681,32 @@ fn main() {
         let mut hops = Vec::new();
         let mut raws = Vec::new();
         let mut ratios = Vec::new();
+        let mut cpu: [Vec<f64>; 4] = Default::default();
+        let skipped = || Side { rate: f64::NAN, ours_us: f64::NAN, broker_us: f64::NAN };
         for run in 1..=runs {
             let only = std::env::var("BENCH_ONLY").unwrap_or_default();
-            let raw = if only == "hop" { f64::NAN } else { raw_relay(n).await };
-            let hop = if only == "raw" { f64::NAN } else { router_hop(n).await };
-            println!("run {run}: raw relay {raw:.0} msg/s, router hop {hop:.0} msg/s, ratio {:.2}", hop / raw);
-            raws.push(raw);
-            hops.push(hop);
-            ratios.push(hop / raw);
+            let raw = if only == "hop" { skipped() } else { raw_relay(n).await };
+            let hop = if only == "raw" { skipped() } else { router_hop(n).await };
+            println!(
+                "run {run}: raw relay {:.0} msg/s, router hop {:.0} msg/s, ratio {:.2}; CPU per message: relay {:.0} µs + broker {:.0} µs, hop {:.0} µs + broker {:.0} µs",
+                raw.rate, hop.rate, hop.rate / raw.rate, raw.ours_us, raw.broker_us, hop.ours_us, hop.broker_us
+            );
+            raws.push(raw.rate);
+            hops.push(hop.rate);
+            ratios.push(hop.rate / raw.rate);
+            for (values, value) in cpu.iter_mut().zip([raw.ours_us, raw.broker_us, hop.ours_us, hop.broker_us]) {
+                values.push(value);
+            }
         }
         println!(
             "median of {runs} runs, {n} messages each: raw relay {:.0} msg/s, router hop {:.0} msg/s, ratio {:.2}",
             median(raws),
             median(hops),
             median(ratios)
+        );
+        let [relay_us, relay_broker_us, hop_us, hop_broker_us] = cpu.map(median);
+        println!(
+            "median CPU per message: relay {relay_us:.0} µs + broker {relay_broker_us:.0} µs; router hop {hop_us:.0} µs + broker {hop_broker_us:.0} µs"
         );
         let mut p50s = Vec::new();
         let mut p99s = Vec::new();
