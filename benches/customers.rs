@@ -92,7 +92,7 @@ async fn measure(store: &dyn Store, customers: usize, samples: usize) -> (Vec<f6
         let message = message(sample, random.below(customers));
         let started = Instant::now();
         store
-            .route_batch(std::slice::from_ref(&message), now_ms(), &decide)
+            .route_batch(std::slice::from_ref(&message), now_ms(), &[], &decide)
             .await
             .expect("route");
         whole.push(started.elapsed().as_secs_f64() * 1000.0);

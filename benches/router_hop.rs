@@ -263,6 +263,7 @@ impl Store for NoStore {
         &self,
         messages: &[NormalizedMessage],
         _now_ms: i64,
+        _published: &[(String, String)],
         decide: &switchboard::store::DecideFn<'_>,
     ) -> Result<Vec<switchboard::store::RouteOutcome>, switchboard::store::StoreError> {
         Ok(messages

@@ -169,10 +169,14 @@ pub trait Store: Send + Sync + 'static {
     /// `(channel id, external id)`, return it; otherwise find or create the customer behind the
     /// sender and their open conversation, call `decide`, and record the message and the
     /// decision. Messages are handled in order, so a later one sees an earlier one's effects.
+    /// `published` are keys of earlier decisions whose assignments have reached the bus: they
+    /// are marked in the same transaction, as [`Self::mark_published`] would (one transaction
+    /// per batch instead of two).
     async fn route_batch(
         &self,
         messages: &[NormalizedMessage],
         now_ms: i64,
+        published: &[(String, String)],
         decide: &DecideFn<'_>,
     ) -> Result<Vec<RouteOutcome>, StoreError>;
 

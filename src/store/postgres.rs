@@ -111,9 +111,11 @@ impl Store for PgStore {
         &self,
         messages: &[NormalizedMessage],
         now_ms: i64,
+        published: &[(String, String)],
         decide: &DecideFn<'_>,
     ) -> Result<Vec<RouteOutcome>, StoreError> {
         let mut tx = self.pool.begin().await?;
+        mark_published(&mut tx, published).await?;
         let outcomes = route_in(
             &mut tx,
             messages,
@@ -150,20 +152,8 @@ impl Store for PgStore {
         if keys.is_empty() {
             return Ok(());
         }
-        let (channels, externals): (Vec<&str>, Vec<&str>) = keys
-            .iter()
-            .map(|(channel, external)| (channel.as_str(), external.as_str()))
-            .unzip();
-        sqlx::query(
-            "INSERT INTO published_decisions (channel_id, external_id)
-             SELECT * FROM unnest($1::text[], $2::text[])
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(channels)
-        .bind(externals)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        let mut connection = self.pool.acquire().await?;
+        mark_published(&mut connection, keys).await
     }
 
     async fn customer(&self, id: &str) -> Result<Option<CustomerRecord>, StoreError> {
@@ -587,6 +577,29 @@ async fn conversation(
         messages,
         decisions,
     }))
+}
+
+async fn mark_published(
+    connection: &mut PgConnection,
+    keys: &[(String, String)],
+) -> Result<(), StoreError> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let (channels, externals): (Vec<&str>, Vec<&str>) = keys
+        .iter()
+        .map(|(channel, external)| (channel.as_str(), external.as_str()))
+        .unzip();
+    sqlx::query(
+        "INSERT INTO published_decisions (channel_id, external_id)
+         SELECT * FROM unnest($1::text[], $2::text[])
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(channels)
+    .bind(externals)
+    .execute(&mut *connection)
+    .await?;
+    Ok(())
 }
 
 /// The whole batch in a fixed number of statements: the locks, bulk reads keyed by arrays,

@@ -171,10 +171,12 @@ impl Store for SqliteStore {
         &self,
         messages: &[NormalizedMessage],
         now_ms: i64,
+        published: &[(String, String)],
         decide: &DecideFn<'_>,
     ) -> Result<Vec<RouteOutcome>, StoreError> {
         // IMMEDIATE: take the write lock first, so the reads below stay valid until commit.
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        mark_published(&mut tx, published).await?;
         let generation: i64 = sqlx::query_scalar("SELECT n FROM store_generation")
             .fetch_one(&mut *tx)
             .await?;
@@ -233,14 +235,8 @@ impl Store for SqliteStore {
         if keys.is_empty() {
             return Ok(());
         }
-        sqlx::query(
-            "INSERT OR IGNORE INTO published_decisions (channel_id, external_id)
-             SELECT value ->> 0, value ->> 1 FROM jsonb_each(?)",
-        )
-        .bind(serde_json::to_string(keys)?)
-        .execute(&self.writer)
-        .await?;
-        Ok(())
+        let mut connection = self.writer.acquire().await?;
+        mark_published(&mut connection, keys).await
     }
 
     async fn customer(&self, id: &str) -> Result<Option<CustomerRecord>, StoreError> {
@@ -698,6 +694,23 @@ async fn decision(
     .fetch_optional(&mut *connection)
     .await?;
     row.as_ref().map(stored_decision).transpose()
+}
+
+async fn mark_published(
+    connection: &mut SqliteConnection,
+    keys: &[(String, String)],
+) -> Result<(), StoreError> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT OR IGNORE INTO published_decisions (channel_id, external_id)
+         SELECT value ->> 0, value ->> 1 FROM jsonb_each(?)",
+    )
+    .bind(serde_json::to_string(keys)?)
+    .execute(&mut *connection)
+    .await?;
+    Ok(())
 }
 
 /// The whole batch in a fixed number of statements: bulk reads keyed by JSON arrays, the

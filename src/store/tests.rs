@@ -55,6 +55,7 @@ on_both_backends!(
     same_sender_same_customer_and_conversation,
     later_messages_in_a_batch_see_earlier_ones,
     a_recorded_message_returns_its_decision_and_is_not_decided_again,
+    a_batch_marks_earlier_decisions_published,
     attributes_merge_and_persist,
     attributes_patch_merges_and_null_removes,
     channels_used_accumulate_without_duplicates,
@@ -244,7 +245,10 @@ async fn route(
             assignment: format!("{{\"for\": \"{}\"}}", message.external_id),
         }
     };
-    let outcomes = store.route_batch(messages, now_ms, &decide).await.unwrap();
+    let outcomes = store
+        .route_batch(messages, now_ms, &[], &decide)
+        .await
+        .unwrap();
     (outcomes, seen.into_inner().unwrap())
 }
 
@@ -331,6 +335,55 @@ async fn a_recorded_message_returns_its_decision_and_is_not_decided_again(backen
         seen[0].conversation.message_count, 1,
         "the duplicate did not count"
     );
+}
+
+/// Keys handed to `route_batch` as published are marked in its transaction, whatever the
+/// batch itself holds.
+async fn a_batch_marks_earlier_decisions_published(backend: Backend) {
+    let store = TestStore::open(backend).await;
+    route(&store, &[message("m-1", "visitor-1", "webchat")], 1_000).await;
+    route(&store, &[message("m-2", "visitor-2", "webchat")], 1_500).await;
+    let published = |id: &'static str| {
+        let store = &store;
+        async move { store.decision("chat", id).await.unwrap().unwrap().published }
+    };
+    assert!(!published("m-1").await && !published("m-2").await);
+
+    let decide = |_: &NormalizedMessage, _: &Resolved| Routed {
+        queue: "general".into(),
+        urgency: 0,
+        priority: 0,
+        assignment: "{}".into(),
+    };
+    let marks = [("chat".to_owned(), "m-1".to_owned())];
+    store
+        .route_batch(
+            &[message("m-3", "visitor-1", "webchat")],
+            2_000,
+            &marks,
+            &decide,
+        )
+        .await
+        .unwrap();
+    assert!(published("m-1").await, "marked with the batch");
+    assert!(!published("m-2").await && !published("m-3").await);
+
+    // A batch that only repeats a recorded message still marks; marking twice is harmless.
+    let marks = [
+        ("chat".to_owned(), "m-1".to_owned()),
+        ("chat".to_owned(), "m-2".to_owned()),
+    ];
+    let outcomes = store
+        .route_batch(
+            &[message("m-3", "visitor-1", "webchat")],
+            3_000,
+            &marks,
+            &decide,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(outcomes[..], [RouteOutcome::Existing(_)]));
+    assert!(published("m-1").await && published("m-2").await);
 }
 
 async fn attributes_merge_and_persist(backend: Backend) {
