@@ -274,8 +274,19 @@ async fn daemon_rss(db: &std::path::Path, customers: usize, samples: usize) -> (
     rss
 }
 
-#[tokio::main]
-async fn main() {
+/// The store is driven from a current-thread runtime, as the router drives it in the daemon
+/// (`Router::run_on_own_thread`): a statement's hand-off to SQLite's thread and back then costs
+/// ~10 µs instead of ~50–100 µs on a multi-thread runtime, and that is the latency the router
+/// sees. (Before the fifth session this bench used `#[tokio::main]`, the multi-thread runtime.)
+fn main() {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(run());
+}
+
+async fn run() {
     let customers = env_usize("BENCH_CUSTOMERS", 1_000_000);
     let samples = env_usize("BENCH_SAMPLES", 2000);
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
