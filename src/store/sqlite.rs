@@ -1135,6 +1135,17 @@ fn assignment(row: &sqlx::sqlite::SqliteRow) -> Result<String, StoreError> {
         return Ok(row.try_get("assignment")?);
     }
     let packed: &[u8] = row.try_get("assignment")?;
+    // The size in front is trusted for the allocation: refuse one that LZ4 (at most 255 bytes
+    // out per byte in) could not have produced from this block.
+    let claimed = packed
+        .first_chunk::<4>()
+        .map_or(0, |size| u32::from_le_bytes(*size) as usize);
+    if claimed > packed.len().saturating_mul(255) {
+        return Err(StoreError::CorruptAssignment(format!(
+            "claims {claimed} bytes from a block of {}",
+            packed.len()
+        )));
+    }
     let json = lz4_flex::decompress_size_prepended(packed)
         .map_err(|error| StoreError::CorruptAssignment(error.to_string()))?;
     String::from_utf8(json).map_err(|error| StoreError::CorruptAssignment(error.to_string()))
@@ -1172,19 +1183,32 @@ mod tests {
         // As every row written before migration 0008 holds it.
         insert_decision(&store, "plain", json.as_bytes().to_vec(), true).await;
         insert_decision(&store, "corrupt", vec![0x40, 0, 0, 0, 0xf0, 1], false).await;
+        // A size no block of six bytes decompresses to: refused before allocating it.
+        insert_decision(&store, "huge", vec![0xf0, 0xff, 0xff, 0xff, 0xf0, 1], false).await;
 
         for key in ["packed", "plain"] {
             let decision = store.decision("chat", key).await.unwrap().unwrap();
             assert_eq!(decision.assignment, json, "{key}");
         }
-        let error = store.decision("chat", "corrupt").await.unwrap_err();
-        assert!(matches!(error, StoreError::CorruptAssignment(_)), "{error}");
+        for key in ["corrupt", "huge"] {
+            let error = store.decision("chat", key).await.unwrap_err();
+            assert!(
+                matches!(error, StoreError::CorruptAssignment(_)),
+                "{key}: {error}"
+            );
+            assert!(error.to_string().contains("corrupt"), "{error}");
+        }
+        let error = store.decision("chat", "huge").await.unwrap_err();
+        assert!(
+            error.to_string().contains("claims 4294967280 bytes"),
+            "{error}"
+        );
         let kinds: Vec<String> =
             sqlx::query_scalar("SELECT typeof(assignment) FROM decisions ORDER BY rowid")
                 .fetch_all(&store.writer)
                 .await
                 .unwrap();
-        assert_eq!(kinds, ["blob", "text", "blob"]);
+        assert_eq!(kinds, ["blob", "text", "blob", "blob"]);
         // Packed is what the router writes, and it is smaller.
         assert!(pack_assignment(&json.repeat(20)).len() < json.len() * 20 / 4);
         store.close().await;
