@@ -187,13 +187,16 @@ impl Meter {
             let mut by_name: std::collections::BTreeMap<String, f64> = Default::default();
             for (tid, (name, ticks)) in threads() {
                 let before = self.threads.get(&tid).map_or(0, |(_, t)| *t);
-                *by_name.entry(name).or_default() += (ticks - before) as f64 * 10_000.0 / n as f64;
+                *by_name.entry(name).or_default() +=
+                    ticks.checked_sub(before).unwrap_or(ticks) as f64 * 10_000.0 / n as f64;
             }
             by_name.retain(|_, us| *us > 0.0);
             eprintln!("CPU per message by thread (µs): {by_name:.1?}");
         }
         let per_message = |before: Option<u64>, after: Option<u64>| match (before, after) {
-            (Some(before), Some(after)) => (after - before) as f64 * 10_000.0 / n as f64,
+            (Some(before), Some(after)) => {
+                after.saturating_sub(before) as f64 * 10_000.0 / n as f64
+            }
             _ => f64::NAN,
         };
         Side {
