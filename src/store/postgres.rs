@@ -24,6 +24,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
@@ -60,7 +61,13 @@ impl PgStore {
             url: crate::telemetry::redact_url(url),
             source,
         };
-        let options = PgConnectOptions::from_str(url).map_err(open_error)?;
+        // Every statement here is prepared once per connection and keyed by primary keys or
+        // arrays of them: planning it again for each batch's values (PostgreSQL's default for
+        // the first executions, and for good when it rates the generic plan no better) cost
+        // more than executing it, ~0.5 ms per batch for the context reads alone.
+        let options = PgConnectOptions::from_str(url)
+            .map_err(open_error)?
+            .options([("plan_cache_mode", "force_generic_plan")]);
         // The pool retries a refused connection until its timeout and then reports only the
         // timeout; one plain connection first says what is wrong (refused, password, database).
         let probe = tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&options))
@@ -614,7 +621,9 @@ async fn route_in(
 ) -> Result<Vec<RouteOutcome>, StoreError> {
     let mut batch = Batch::new(messages, now_ms, history_len);
 
-    // Lock before reading anything (see the module docs).
+    // Lock before reading anything (see the module docs): the advisory locks, then every read
+    // (the customers row-locked first) in one call, `switchboard_batch_reads` (migration 0004),
+    // whose queries each take their snapshot after the locks before them.
     let mut locks: Vec<i64> = messages
         .iter()
         .map(|m| lock_key("message", &m.channel.id, &m.external_id))
@@ -626,186 +635,85 @@ async fn route_in(
         .collect();
     locks.sort_unstable();
     locks.dedup();
-    // `unnest` yields the keys in array order, so the locks are taken in sorted order.
-    sqlx::query("SELECT pg_advisory_xact_lock(key) FROM unnest($1::bigint[]) AS key")
-        .bind(locks)
-        .execute(&mut *connection)
-        .await?;
-
     let (channels, externals): (Vec<&str>, Vec<&str>) = messages
         .iter()
         .map(|m| (m.channel.id.as_str(), m.external_id.as_str()))
         .unzip();
-    for row in sqlx::query(
-        "SELECT d.channel_id, d.external_id, d.assignment, d.queue, d.priority,
-                p.channel_id IS NOT NULL AS published
-         FROM unnest($1::text[], $2::text[]) AS k(channel_id, external_id)
-         JOIN decisions d ON d.channel_id = k.channel_id AND d.external_id = k.external_id
-         LEFT JOIN published_decisions p
-           ON p.channel_id = d.channel_id AND p.external_id = d.external_id",
-    )
-    .bind(channels)
-    .bind(externals)
-    .fetch_all(&mut *connection)
-    .await?
-    {
-        batch.existing(
-            row.get("channel_id"),
-            row.get("external_id"),
-            stored_decision(&row),
-        );
-    }
-
     let (kinds, addresses): (Vec<String>, Vec<String>) = batch.identities().cloned().unzip();
-    for row in sqlx::query(
-        "SELECT i.kind, i.address, c.id, c.attributes, c.merged_into
-         FROM unnest($1::text[], $2::text[]) AS j(kind, address)
-         JOIN identities i ON i.kind = j.kind AND i.address = j.address
-         JOIN customers c ON c.id = i.customer_id
-         ORDER BY c.id
-         FOR NO KEY UPDATE OF c",
-    )
-    .bind(kinds)
-    .bind(addresses)
-    .fetch_all(&mut *connection)
-    .await?
-    {
-        // The customer row was locked after the identity was read: a merge committed in
-        // between moved the identity. Give the batch back to be retried on fresh reads.
-        if let Some(survivor) = row.get::<Option<String>, _>("merged_into") {
-            return Err(StoreError::Retry(format!(
-                "customer {} was merged into {survivor}",
-                row.get::<&str, _>("id")
-            )));
-        }
-        batch.known_identity((row.get("kind"), row.get("address")), row.get("id"), || {
-            Ok(row.try_get::<Json<_>, _>("attributes")?.0)
-        })?;
-    }
-    let known: Vec<String> = batch.known_customers().into_iter().cloned().collect();
-    for row in sqlx::query(
-        "SELECT customer_id, kind, address, created_at FROM identities
-         WHERE customer_id = ANY($1)
-         ORDER BY created_at, kind, address",
-    )
-    .bind(&known)
-    .fetch_all(&mut *connection)
-    .await?
-    {
-        batch.customer_identity(
-            row.get("customer_id"),
-            Identity {
-                kind: row.get("kind"),
-                address: row.get("address"),
-            },
-            row.get("created_at"),
-        );
-    }
-    // Each customer's latest open conversation continues; without one, the latest closed
-    // within the reopen window does (open ones come first).
-    for row in sqlx::query(
-        "SELECT id, customer_id, status, channels, message_count, opened_at, agent_id, queue
-         FROM conversations
-         WHERE customer_id = ANY($1) AND (status = 'open' OR closed_at > $2)
-         ORDER BY status = 'open' DESC, last_activity_at DESC
-         FOR NO KEY UPDATE",
-    )
-    .bind(&known)
-    .bind(now_ms.saturating_sub(reopen_window_ms))
-    .fetch_all(&mut *connection)
-    .await?
-    {
-        let open = row.get::<&str, _>("status") == "open";
-        batch.conversation(row.get("customer_id"), open, || {
-            Ok(LoadedConversation {
-                id: row.get("id"),
-                channels: row.try_get::<Json<_>, _>("channels")?.0,
-                message_count: row.get("message_count"),
-                opened_at: row.get("opened_at"),
-                agent_id: row.get("agent_id"),
-                queue: row.get("queue"),
-            })
-        })?;
-    }
-    for row in sqlx::query(
-        "SELECT customer_id, count(*) AS n FROM messages
-         WHERE customer_id = ANY($1) AND received_at > $2
-         GROUP BY customer_id",
-    )
-    .bind(&known)
-    .bind(now_ms - DAY_MS)
-    .fetch_all(&mut *connection)
-    .await?
-    {
-        batch.recent_contacts(row.get("customer_id"), row.get("n"));
-    }
-
-    // The latest messages of each known customer, on every channel.
-    // Replies in a thread: the conversation of the thread's latest message.
     let (thread_channels, thread_keys): (Vec<String>, Vec<String>) = batch
         .thread_keys()
         .into_iter()
         .map(|(channel, key)| (channel.to_owned(), key.to_owned()))
         .unzip();
-    if !thread_keys.is_empty() {
-        for row in sqlx::query(
-            "SELECT k.channel_id, k.thread_key, c.id, c.customer_id, c.channels, c.message_count,
-                    c.opened_at, c.agent_id, c.queue
-             FROM unnest($1::text[], $2::text[]) AS k(channel_id, thread_key)
-             CROSS JOIN LATERAL (
-                 SELECT conversation_id FROM messages
-                 WHERE channel_id = k.channel_id AND thread_key = k.thread_key
-                 ORDER BY received_at DESC, seq DESC LIMIT 1) AS m
-             JOIN conversations c ON c.id = m.conversation_id
-             FOR NO KEY UPDATE OF c",
-        )
-        .bind(thread_channels)
-        .bind(thread_keys)
-        .fetch_all(&mut *connection)
-        .await?
-        {
-            batch.thread(
-                row.get("channel_id"),
-                row.get("thread_key"),
-                row.get("customer_id"),
-                LoadedConversation {
-                    id: row.get("id"),
-                    channels: row.try_get::<Json<_>, _>("channels")?.0,
-                    message_count: row.get("message_count"),
-                    opened_at: row.get("opened_at"),
-                    agent_id: row.get("agent_id"),
-                    queue: row.get("queue"),
-                },
-            );
-        }
-    }
+    let Json(reads) = sqlx::query_scalar::<_, Json<BatchReads>>(
+        "SELECT switchboard_batch_reads($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+    )
+    .bind(locks)
+    .bind(channels)
+    .bind(externals)
+    .bind(kinds)
+    .bind(addresses)
+    .bind(now_ms.saturating_sub(reopen_window_ms))
+    .bind(now_ms - DAY_MS)
+    .bind(i64::try_from(history_len).unwrap_or(i64::MAX))
+    .bind(thread_channels)
+    .bind(thread_keys)
+    .fetch_one(&mut *connection)
+    .await?;
 
-    if history_len > 0 {
-        for row in sqlx::query(
-            // Per customer, only its latest rows are read (index on customer, time, seq).
-            "SELECT c.id AS customer_id, m.channel, m.text, m.received_at
-             FROM unnest($1::text[]) AS c(id)
-             CROSS JOIN LATERAL (
-                 SELECT envelope #>> '{channel,kind}' AS channel, envelope ->> 'text' AS text,
-                        received_at, seq
-                 FROM messages WHERE customer_id = c.id
-                 ORDER BY received_at DESC, seq DESC LIMIT $2) AS m
-             ORDER BY c.id, m.received_at, m.seq",
-        )
-        .bind(&known)
-        .bind(i64::try_from(history_len).unwrap_or(i64::MAX))
-        .fetch_all(&mut *connection)
-        .await?
-        {
-            batch.history(
-                row.get("customer_id"),
-                row.get::<Option<String>, _>("channel").unwrap_or_default(),
-                row.get::<Option<String>, _>("text").unwrap_or_default(),
-                row.get("received_at"),
-            );
-        }
+    for row in reads.existing {
+        batch.existing(
+            row.channel_id,
+            row.external_id,
+            StoredDecision {
+                assignment: row.assignment,
+                queue: row.queue,
+                priority: u8::try_from(row.priority).unwrap_or(0),
+                published: row.published,
+            },
+        );
     }
-
+    for row in reads.known {
+        // The customer row was locked after the identity was read: a merge committed in
+        // between moved the identity. Give the batch back to be retried on fresh reads.
+        if let Some(survivor) = row.merged_into {
+            return Err(StoreError::Retry(format!(
+                "customer {} was merged into {survivor}",
+                row.id
+            )));
+        }
+        let attributes = row.attributes;
+        batch.known_identity((row.kind, row.address), row.id, || Ok(attributes))?;
+    }
+    for row in reads.identities {
+        batch.customer_identity(
+            &row.customer_id,
+            Identity {
+                kind: row.kind,
+                address: row.address,
+            },
+            row.created_at,
+        );
+    }
+    for row in reads.conversations {
+        let (customer_id, open, loaded) = row.split();
+        batch.conversation(customer_id, open, || Ok(loaded))?;
+    }
+    for row in reads.contacts {
+        batch.recent_contacts(&row.customer_id, row.count);
+    }
+    for row in reads.history {
+        batch.history(
+            &row.customer_id,
+            row.channel.unwrap_or_default(),
+            row.text.unwrap_or_default(),
+            row.received_at,
+        );
+    }
+    for row in reads.threads {
+        let (customer_id, _, loaded) = row.conversation.split();
+        batch.thread(row.channel_id, row.thread_key, customer_id, loaded);
+    }
     let decided = batch.decide(decide)?;
     if decided.messages.is_empty() {
         return Ok(decided.outcomes);
@@ -963,4 +871,117 @@ fn stored_decision(row: &PgRow) -> StoredDecision {
         priority: u8::try_from(row.get::<i16, _>("priority")).unwrap_or(0),
         published: row.get("published"),
     }
+}
+
+/// What `switchboard_batch_reads` returns (migration 0004): its rows by kind.
+#[derive(Deserialize)]
+struct BatchReads {
+    #[serde(deserialize_with = "rows")]
+    existing: Vec<ExistingRow>,
+    #[serde(deserialize_with = "rows")]
+    known: Vec<KnownRow>,
+    #[serde(deserialize_with = "rows")]
+    identities: Vec<IdentityRow>,
+    #[serde(deserialize_with = "rows")]
+    conversations: Vec<ConversationRow>,
+    #[serde(deserialize_with = "rows")]
+    contacts: Vec<ContactsRow>,
+    #[serde(deserialize_with = "rows")]
+    history: Vec<HistoryRow>,
+    #[serde(deserialize_with = "rows")]
+    threads: Vec<ThreadRow>,
+}
+
+/// `json_agg` of no rows is null.
+fn rows<'de, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Ok(Option::<Vec<T>>::deserialize(deserializer)?.unwrap_or_default())
+}
+
+/// A decision already recorded for one of the batch's messages.
+#[derive(Deserialize)]
+struct ExistingRow {
+    channel_id: String,
+    external_id: String,
+    assignment: String,
+    queue: String,
+    priority: i16,
+    published: bool,
+}
+
+/// One of the batch's identities, stored, and its customer.
+#[derive(Deserialize)]
+struct KnownRow {
+    kind: String,
+    address: String,
+    id: String,
+    attributes: Map<String, Value>,
+    merged_into: Option<String>,
+}
+
+/// One of a known customer's identities.
+#[derive(Deserialize)]
+struct IdentityRow {
+    customer_id: String,
+    kind: String,
+    address: String,
+    created_at: i64,
+}
+
+/// A known customer's conversation that may continue (or a reply thread's).
+#[derive(Deserialize)]
+struct ConversationRow {
+    id: String,
+    customer_id: String,
+    /// Not read for a thread's conversation.
+    #[serde(default)]
+    open: bool,
+    channels: Vec<String>,
+    message_count: i64,
+    opened_at: i64,
+    agent_id: Option<String>,
+    queue: Option<String>,
+}
+
+impl ConversationRow {
+    /// The customer, whether the conversation is open, and the conversation.
+    fn split(self) -> (String, bool, LoadedConversation) {
+        let loaded = LoadedConversation {
+            id: self.id,
+            channels: self.channels,
+            message_count: self.message_count,
+            opened_at: self.opened_at,
+            agent_id: self.agent_id,
+            queue: self.queue,
+        };
+        (self.customer_id, self.open, loaded)
+    }
+}
+
+/// How many messages a known customer sent in the last 24 hours.
+#[derive(Deserialize)]
+struct ContactsRow {
+    customer_id: String,
+    count: i64,
+}
+
+/// One of a known customer's latest messages.
+#[derive(Deserialize)]
+struct HistoryRow {
+    customer_id: String,
+    channel: Option<String>,
+    text: Option<String>,
+    received_at: i64,
+}
+
+/// The conversation of a reply thread's latest message.
+#[derive(Deserialize)]
+struct ThreadRow {
+    channel_id: String,
+    thread_key: String,
+    #[serde(flatten)]
+    conversation: ConversationRow,
 }

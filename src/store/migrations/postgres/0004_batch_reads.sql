@@ -1,0 +1,106 @@
+-- Everything a router batch reads before deciding, in one round trip instead of one per read.
+--
+-- Called first in the batch's transaction (READ COMMITTED). The order matters and is the one
+-- the store documents: the advisory locks on the batch's message keys and identities first
+-- (sorted by the caller); then each query below takes its own snapshot, so it sees whatever
+-- the batch that held a lock before this one committed. The customers the identities belong
+-- to are row-locked (in id order) before anything else is read about them, and the
+-- conversations that may continue are row-locked as they are read.
+--
+-- Returns one JSON object; each member is an array of rows, or null when there were none:
+--   existing       decisions already recorded for the batch's message keys
+--   known          the batch's stored identities and their customers (attributes, merged_into)
+--   identities     every identity of those customers, oldest first
+--   conversations  their open conversations, and those closed after `reopen_after`; open
+--                  ones first, latest activity first
+--   contacts       per customer, its messages received after `contacts_after`
+--   history        per customer, its latest `history_len` messages, oldest first
+--   threads        per (channel, thread key), the conversation of the thread's latest message
+CREATE FUNCTION switchboard_batch_reads(
+    lock_keys bigint[],
+    channel_ids text[], external_ids text[],
+    kinds text[], addresses text[],
+    reopen_after bigint, contacts_after bigint, history_len bigint,
+    thread_channels text[], thread_keys text[]
+) RETURNS json LANGUAGE plpgsql AS $$
+DECLARE
+    existing json;
+    known json;
+    known_ids text[];
+    identities json;
+    conversations json;
+    contacts json;
+    history json;
+    threads json;
+BEGIN
+    -- `unnest` yields the keys in array order, so the locks are taken in the caller's order.
+    PERFORM pg_advisory_xact_lock(key) FROM unnest(lock_keys) AS key;
+
+    SELECT json_agg(e) INTO existing FROM (
+        SELECT d.channel_id, d.external_id, d.assignment, d.queue, d.priority,
+               p.channel_id IS NOT NULL AS published
+        FROM unnest(channel_ids, external_ids) AS k(channel_id, external_id)
+        JOIN decisions d ON d.channel_id = k.channel_id AND d.external_id = k.external_id
+        LEFT JOIN published_decisions p
+          ON p.channel_id = d.channel_id AND p.external_id = d.external_id
+    ) AS e;
+
+    SELECT json_agg(f), array_agg(DISTINCT f.id) INTO known, known_ids FROM (
+        SELECT i.kind, i.address, c.id, c.attributes, c.merged_into
+        FROM unnest(kinds, addresses) AS j(kind, address)
+        JOIN identities i ON i.kind = j.kind AND i.address = j.address
+        JOIN customers c ON c.id = i.customer_id
+        ORDER BY c.id
+        FOR NO KEY UPDATE OF c
+    ) AS f;
+    known_ids := coalesce(known_ids, '{}');
+
+    SELECT json_agg(i ORDER BY i.created_at, i.kind, i.address) INTO identities FROM (
+        SELECT customer_id, kind, address, created_at FROM identities
+        WHERE customer_id = ANY(known_ids)
+    ) AS i;
+
+    SELECT json_agg(c ORDER BY c.open DESC, c.last_activity_at DESC) INTO conversations FROM (
+        SELECT id, customer_id, status = 'open' AS open, channels, message_count, opened_at,
+               agent_id, queue, last_activity_at
+        FROM conversations
+        WHERE customer_id = ANY(known_ids) AND (status = 'open' OR closed_at > reopen_after)
+        ORDER BY customer_id, id
+        FOR NO KEY UPDATE
+    ) AS c;
+
+    SELECT json_agg(n) INTO contacts FROM (
+        SELECT customer_id, count(*) AS count FROM messages
+        WHERE customer_id = ANY(known_ids) AND received_at > contacts_after
+        GROUP BY customer_id
+    ) AS n;
+
+    -- Per customer, only its latest rows are read (index on customer, time, seq).
+    SELECT json_agg(h ORDER BY h.customer_id, h.received_at, h.seq) INTO history FROM (
+        SELECT c.id AS customer_id, m.channel, m.text, m.received_at, m.seq
+        FROM unnest(known_ids) AS c(id)
+        CROSS JOIN LATERAL (
+            SELECT envelope #>> '{channel,kind}' AS channel, envelope ->> 'text' AS text,
+                   received_at, seq
+            FROM messages WHERE customer_id = c.id
+            ORDER BY received_at DESC, seq DESC LIMIT history_len) AS m
+    ) AS h;
+
+    SELECT json_agg(t) INTO threads FROM (
+        SELECT k.channel_id, k.thread_key, c.id, c.customer_id, c.channels, c.message_count,
+               c.opened_at, c.agent_id, c.queue
+        FROM unnest(thread_channels, thread_keys) AS k(channel_id, thread_key)
+        CROSS JOIN LATERAL (
+            SELECT conversation_id FROM messages
+            WHERE channel_id = k.channel_id AND thread_key = k.thread_key
+            ORDER BY received_at DESC, seq DESC LIMIT 1) AS m
+        JOIN conversations c ON c.id = m.conversation_id
+        FOR NO KEY UPDATE OF c
+    ) AS t;
+
+    RETURN json_build_object(
+        'existing', existing, 'known', known, 'identities', identities,
+        'conversations', conversations, 'contacts', contacts, 'history', history,
+        'threads', threads);
+END
+$$;
