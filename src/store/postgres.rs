@@ -122,10 +122,10 @@ impl Store for PgStore {
         decide: &DecideFn<'_>,
     ) -> Result<Vec<RouteOutcome>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        mark_published(&mut tx, published).await?;
         let outcomes = route_in(
             &mut tx,
             messages,
+            published,
             now_ms,
             self.reopen_window_ms,
             self.history,
@@ -614,6 +614,7 @@ async fn mark_published(
 async fn route_in(
     connection: &mut PgConnection,
     messages: &[NormalizedMessage],
+    published: &[(String, String)],
     now_ms: i64,
     reopen_window_ms: i64,
     history_len: usize,
@@ -621,9 +622,10 @@ async fn route_in(
 ) -> Result<Vec<RouteOutcome>, StoreError> {
     let mut batch = Batch::new(messages, now_ms, history_len);
 
-    // Lock before reading anything (see the module docs): the advisory locks, then every read
-    // (the customers row-locked first) in one call, `switchboard_batch_reads` (migration 0004),
-    // whose queries each take their snapshot after the locks before them.
+    // In one call, `switchboard_batch_reads` (migration 0004): the marks of the router's
+    // earlier decisions; the locks, before reading anything (see the module docs); then every
+    // read, the customers row-locked first, each query taking its snapshot after the locks
+    // before it.
     let mut locks: Vec<i64> = messages
         .iter()
         .map(|m| lock_key("message", &m.channel.id, &m.external_id))
@@ -645,9 +647,15 @@ async fn route_in(
         .into_iter()
         .map(|(channel, key)| (channel.to_owned(), key.to_owned()))
         .unzip();
+    let (published_channels, published_externals): (Vec<&str>, Vec<&str>) = published
+        .iter()
+        .map(|(channel, external)| (channel.as_str(), external.as_str()))
+        .unzip();
     let Json(reads) = sqlx::query_scalar::<_, Json<BatchReads>>(
-        "SELECT switchboard_batch_reads($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        "SELECT switchboard_batch_reads($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
     )
+    .bind(published_channels)
+    .bind(published_externals)
     .bind(locks)
     .bind(channels)
     .bind(externals)

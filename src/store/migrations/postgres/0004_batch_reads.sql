@@ -1,7 +1,9 @@
 -- Everything a router batch reads before deciding, in one round trip instead of one per read.
 --
--- Called first in the batch's transaction (READ COMMITTED). The order matters and is the one
--- the store documents: the advisory locks on the batch's message keys and identities first
+-- Called first in the batch's transaction (READ COMMITTED). It first marks the router's earlier
+-- decisions published (`published_channels`, `published_externals`: their assignments were
+-- published and their inbound messages acknowledged since). The order then matters and is the
+-- one the store documents: the advisory locks on the batch's message keys and identities first
 -- (sorted by the caller); then each query below takes its own snapshot, so it sees whatever
 -- the batch that held a lock before this one committed. The customers the identities belong
 -- to are row-locked (in id order) before anything else is read about them, and the
@@ -17,6 +19,7 @@
 --   history        per customer, its latest `history_len` messages, oldest first
 --   threads        per (channel, thread key), the conversation of the thread's latest message
 CREATE FUNCTION switchboard_batch_reads(
+    published_channels text[], published_externals text[],
     lock_keys bigint[],
     channel_ids text[], external_ids text[],
     kinds text[], addresses text[],
@@ -33,6 +36,10 @@ DECLARE
     history json;
     threads json;
 BEGIN
+    INSERT INTO published_decisions (channel_id, external_id)
+    SELECT * FROM unnest(published_channels, published_externals)
+    ON CONFLICT DO NOTHING;
+
     -- `unnest` yields the keys in array order, so the locks are taken in the caller's order.
     PERFORM pg_advisory_xact_lock(key) FROM unnest(lock_keys) AS key;
 
