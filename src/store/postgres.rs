@@ -42,6 +42,9 @@ use crate::router::decide::Identity;
 /// Connections per process: one per router batch in flight, the rest for the API.
 const POOL_SIZE: u32 = 8;
 
+/// A pooled connection idle this long is pinged before it is used.
+pub(super) const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
+
 /// How long opening the store waits for the server.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -83,6 +86,19 @@ impl PgStore {
         let pool = PgPoolOptions::new()
             .max_connections(POOL_SIZE)
             .acquire_timeout(CONNECT_TIMEOUT)
+            // sqlx pings every connection it is given back (off the caller's path) and closes a
+            // broken one; pinging again on each acquire cost the router a round trip per batch.
+            // A connection idle for a while may have been cut since (a server restart): that
+            // one is still pinged, and replaced if it does not answer.
+            .test_before_acquire(false)
+            .before_acquire(|connection, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= PING_IF_IDLE_FOR {
+                        connection.ping().await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect_with(options)
             .await
             .map_err(open_error)?;

@@ -804,6 +804,34 @@ async fn postgres_unreachable_server_is_a_clear_error() {
     assert!(matches!(error, StoreError::Open { .. }), "{error}");
 }
 
+/// The pool does not ping a connection on every acquire; one the server cut while it sat idle
+/// (a restart, an administrator) is pinged, found dead and replaced before a batch uses it.
+#[tokio::test]
+async fn postgres_replaces_a_connection_cut_while_idle() {
+    let store = TestStore::open(Backend::Postgres).await;
+    route(&store, &[message("m-1", "visitor-1", "webchat")], 1_000).await;
+
+    let schema = store._schema.as_ref().unwrap();
+    let mut admin = sqlx::PgConnection::connect(&schema.admin_url)
+        .await
+        .unwrap();
+    let cut: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                               WHERE application_name = $1) AS t",
+    )
+    .bind(&schema.name)
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert!(cut >= 1, "the store's connection was cut");
+    admin.close().await.unwrap();
+
+    tokio::time::sleep(super::postgres::PING_IF_IDLE_FOR + Duration::from_millis(200)).await;
+    let (outcomes, seen) = route(&store, &[message("m-2", "visitor-1", "webchat")], 2_000).await;
+    assert_eq!(outcomes.len(), 1);
+    assert_eq!(seen[0].conversation.message_count, 1, "{seen:?}");
+}
+
 /// One scenario on both backends: every outcome, everything each decision saw and every
 /// record read back are the same (ids aside, which are random).
 #[tokio::test]
