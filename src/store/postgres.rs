@@ -1,7 +1,9 @@
 //! PostgreSQL store: several daemons share one database (RabbitMQ mode; the embedded bus lives
 //! in SQLite). It behaves exactly as the SQLite store: the in-order decisions are the shared
 //! [`Batch`]; only loading and writing are PostgreSQL's, in a fixed number of statements per
-//! batch keyed by arrays (`unnest`).
+//! batch keyed by arrays (`unnest`). Everything a batch reads before deciding is one call of
+//! `switchboard_batch_reads` (migration 0004), so a batch makes two round trips (`BEGIN`, the
+//! call) before its decisions.
 //!
 //! # Concurrency
 //!
