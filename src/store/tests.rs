@@ -78,7 +78,7 @@ struct TestStore {
     store: Arc<dyn Store>,
     url: String,
     _dir: Option<tempfile::TempDir>,
-    _schema: Option<PgSchema>,
+    schema: Option<PgSchema>,
 }
 
 impl TestStore {
@@ -113,7 +113,7 @@ impl TestStore {
             store,
             url,
             _dir: dir,
-            _schema: schema,
+            schema,
         }
     }
 
@@ -811,7 +811,7 @@ async fn postgres_replaces_a_connection_cut_while_idle() {
     let store = TestStore::open(Backend::Postgres).await;
     route(&store, &[message("m-1", "visitor-1", "webchat")], 1_000).await;
 
-    let schema = store._schema.as_ref().unwrap();
+    let schema = store.schema.as_ref().unwrap();
     let mut admin = sqlx::PgConnection::connect(&schema.admin_url)
         .await
         .unwrap();

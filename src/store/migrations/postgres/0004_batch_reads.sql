@@ -27,14 +27,15 @@ CREATE FUNCTION switchboard_batch_reads(
     thread_channels text[], thread_keys text[]
 ) RETURNS json LANGUAGE plpgsql AS $$
 DECLARE
-    existing json;
-    known json;
+    -- Named apart from the tables, so no column reference can mean a variable.
+    existing_rows json;
+    known_rows json;
     known_ids text[];
-    identities json;
-    conversations json;
-    contacts json;
-    history json;
-    threads json;
+    identity_rows json;
+    conversation_rows json;
+    contact_rows json;
+    history_rows json;
+    thread_rows json;
 BEGIN
     INSERT INTO published_decisions (channel_id, external_id)
     SELECT * FROM unnest(published_channels, published_externals)
@@ -43,7 +44,7 @@ BEGIN
     -- `unnest` yields the keys in array order, so the locks are taken in the caller's order.
     PERFORM pg_advisory_xact_lock(key) FROM unnest(lock_keys) AS key;
 
-    SELECT json_agg(e) INTO existing FROM (
+    SELECT json_agg(e) INTO existing_rows FROM (
         SELECT d.channel_id, d.external_id, d.assignment, d.queue, d.priority,
                p.channel_id IS NOT NULL AS published
         FROM unnest(channel_ids, external_ids) AS k(channel_id, external_id)
@@ -52,7 +53,7 @@ BEGIN
           ON p.channel_id = d.channel_id AND p.external_id = d.external_id
     ) AS e;
 
-    SELECT json_agg(f), array_agg(DISTINCT f.id) INTO known, known_ids FROM (
+    SELECT json_agg(f), array_agg(DISTINCT f.id) INTO known_rows, known_ids FROM (
         SELECT i.kind, i.address, c.id, c.attributes, c.merged_into
         FROM unnest(kinds, addresses) AS j(kind, address)
         JOIN identities i ON i.kind = j.kind AND i.address = j.address
@@ -62,12 +63,12 @@ BEGIN
     ) AS f;
     known_ids := coalesce(known_ids, '{}');
 
-    SELECT json_agg(i ORDER BY i.created_at, i.kind, i.address) INTO identities FROM (
+    SELECT json_agg(i ORDER BY i.created_at, i.kind, i.address) INTO identity_rows FROM (
         SELECT customer_id, kind, address, created_at FROM identities
         WHERE customer_id = ANY(known_ids)
     ) AS i;
 
-    SELECT json_agg(c ORDER BY c.open DESC, c.last_activity_at DESC) INTO conversations FROM (
+    SELECT json_agg(c ORDER BY c.open DESC, c.last_activity_at DESC) INTO conversation_rows FROM (
         SELECT id, customer_id, status = 'open' AS open, channels, message_count, opened_at,
                agent_id, queue, last_activity_at
         FROM conversations
@@ -76,14 +77,14 @@ BEGIN
         FOR NO KEY UPDATE
     ) AS c;
 
-    SELECT json_agg(n) INTO contacts FROM (
+    SELECT json_agg(n) INTO contact_rows FROM (
         SELECT customer_id, count(*) AS count FROM messages
         WHERE customer_id = ANY(known_ids) AND received_at > contacts_after
         GROUP BY customer_id
     ) AS n;
 
     -- Per customer, only its latest rows are read (index on customer, time, seq).
-    SELECT json_agg(h ORDER BY h.customer_id, h.received_at, h.seq) INTO history FROM (
+    SELECT json_agg(h ORDER BY h.customer_id, h.received_at, h.seq) INTO history_rows FROM (
         SELECT c.id AS customer_id, m.channel, m.text, m.received_at, m.seq
         FROM unnest(known_ids) AS c(id)
         CROSS JOIN LATERAL (
@@ -93,7 +94,7 @@ BEGIN
             ORDER BY received_at DESC, seq DESC LIMIT history_len) AS m
     ) AS h;
 
-    SELECT json_agg(t) INTO threads FROM (
+    SELECT json_agg(t) INTO thread_rows FROM (
         SELECT k.channel_id, k.thread_key, c.id, c.customer_id, c.channels, c.message_count,
                c.opened_at, c.agent_id, c.queue
         FROM unnest(thread_channels, thread_keys) AS k(channel_id, thread_key)
@@ -106,8 +107,8 @@ BEGIN
     ) AS t;
 
     RETURN json_build_object(
-        'existing', existing, 'known', known, 'identities', identities,
-        'conversations', conversations, 'contacts', contacts, 'history', history,
-        'threads', threads);
+        'existing', existing_rows, 'known', known_rows, 'identities', identity_rows,
+        'conversations', conversation_rows, 'contacts', contact_rows, 'history', history_rows,
+        'threads', thread_rows);
 END
 $$;
