@@ -6,7 +6,7 @@
 //! `BENCH_SAMPLES` (2000 messages per store), `BENCH_ONLY` (`sqlite`, `postgres` or `rss`),
 //! `SWITCHBOARD_TEST_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/test`; a database
 //! `sb_bench_customers` is created next to it and dropped afterwards, unless `BENCH_KEEP` is
-//! set).
+//! set; so is the SQLite file).
 //!
 //! Each sample is one `route_batch` of one message from a random existing customer (by email):
 //! identity lookup, customer, its open conversation, contacts in the last 24 h, its last 10
@@ -302,7 +302,8 @@ async fn run() {
     let customers = env_usize("BENCH_CUSTOMERS", 1_000_000);
     let samples = env_usize("BENCH_SAMPLES", 2000);
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
-    let dir = tempfile::tempdir().unwrap();
+    let mut dir = tempfile::tempdir().unwrap();
+    dir.disable_cleanup(std::env::var_os("BENCH_KEEP").is_some());
     let db = dir.path().join("customers.db");
 
     if only.is_empty() || only == "sqlite" || only == "rss" {
@@ -314,6 +315,9 @@ async fn run() {
             let latencies = measure(&store, customers, samples).await;
             report("sqlite", customers, seeded, &latencies);
             store.close().await;
+        }
+        if std::env::var_os("BENCH_KEEP").is_some() {
+            println!("kept the SQLite store: {}", db.display());
         }
         if only.is_empty() || only == "rss" {
             let (rss, peak) = daemon_rss(&db, customers, samples).await;

@@ -6,6 +6,7 @@
 mod batch;
 mod cache;
 mod postgres;
+mod reads;
 mod sqlite;
 
 use async_trait::async_trait;

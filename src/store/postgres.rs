@@ -34,7 +34,8 @@ use sqlx::types::Json;
 use sqlx::{Connection as _, PgConnection, Row as _};
 use switchboard_channel::NormalizedMessage;
 
-use super::batch::{Batch, DAY_MS, LoadedConversation, MergeRow, explicit_merge, merge_entry};
+use super::batch::{Batch, DAY_MS, MergeRow, explicit_merge, merge_entry};
+use super::reads::{ConversationRow, HistoryRow, IdentityRow, KnownRow, ThreadRow, rows};
 use super::{
     ConversationRecord, CustomerRecord, DecideFn, LinkOutcome, MergeOutcome, RouteOutcome, Store,
     StoreError, StoredDecision,
@@ -918,15 +919,6 @@ struct BatchReads {
     threads: Vec<ThreadRow>,
 }
 
-/// `json_agg` of no rows is null.
-fn rows<'de, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    T: Deserialize<'de>,
-{
-    Ok(Option::<Vec<T>>::deserialize(deserializer)?.unwrap_or_default())
-}
-
 /// A decision already recorded for one of the batch's messages.
 #[derive(Deserialize)]
 struct ExistingRow {
@@ -938,76 +930,9 @@ struct ExistingRow {
     published: bool,
 }
 
-/// One of the batch's identities, stored, and its customer.
-#[derive(Deserialize)]
-struct KnownRow {
-    kind: String,
-    address: String,
-    id: String,
-    attributes: Map<String, Value>,
-    merged_into: Option<String>,
-}
-
-/// One of a known customer's identities.
-#[derive(Deserialize)]
-struct IdentityRow {
-    customer_id: String,
-    kind: String,
-    address: String,
-    created_at: i64,
-}
-
-/// A known customer's conversation that may continue (or a reply thread's).
-#[derive(Deserialize)]
-struct ConversationRow {
-    id: String,
-    customer_id: String,
-    /// Not read for a thread's conversation.
-    #[serde(default)]
-    open: bool,
-    channels: Vec<String>,
-    message_count: i64,
-    opened_at: i64,
-    agent_id: Option<String>,
-    queue: Option<String>,
-}
-
-impl ConversationRow {
-    /// The customer, whether the conversation is open, and the conversation.
-    fn split(self) -> (String, bool, LoadedConversation) {
-        let loaded = LoadedConversation {
-            id: self.id,
-            channels: self.channels,
-            message_count: self.message_count,
-            opened_at: self.opened_at,
-            agent_id: self.agent_id,
-            queue: self.queue,
-        };
-        (self.customer_id, self.open, loaded)
-    }
-}
-
 /// How many messages a known customer sent in the last 24 hours.
 #[derive(Deserialize)]
 struct ContactsRow {
     customer_id: String,
     count: i64,
-}
-
-/// One of a known customer's latest messages.
-#[derive(Deserialize)]
-struct HistoryRow {
-    customer_id: String,
-    channel: Option<String>,
-    text: Option<String>,
-    received_at: i64,
-}
-
-/// The conversation of a reply thread's latest message.
-#[derive(Deserialize)]
-struct ThreadRow {
-    channel_id: String,
-    thread_key: String,
-    #[serde(flatten)]
-    conversation: ConversationRow,
 }

@@ -206,7 +206,7 @@ impl Drop for PgSchema {
     }
 }
 
-fn message(id: &str, sender: &str, kind: &str) -> NormalizedMessage {
+pub(super) fn message(id: &str, sender: &str, kind: &str) -> NormalizedMessage {
     NormalizedMessage {
         message_id: NormalizedMessage::stable_id("chat", id),
         channel: ChannelRef {
