@@ -8,7 +8,11 @@
 //! (diagnostic: the hop with a store that records nothing and resolves every message to a new
 //! customer, i.e. the ceiling the bus and the decision leave; not the product's figure),
 //! `BENCH_KEEP` (keep the hop's SQLite file and print its path, to look at what was written),
-//! `BENCH_THREADS` (also print the hop's CPU per message by thread of this process).
+//! `BENCH_THREADS` (also print the hop's CPU per message by thread of this process);
+//! diagnostics of the relay side (not the product's figure, which uses neither):
+//! `BENCH_RELAY_TX` (the relay publishes and acks in an AMQP transaction per batch, as the
+//! router does, instead of awaiting confirms) and `BENCH_RELAY_PAD` (bytes added to each body
+//! the relay publishes, to match the larger assignments).
 //!
 //! Besides the rates, each run reports the CPU time per message of this process (the relay
 //! client, or the router with its store) and of the broker (`beam.smp`, read from `/proc`):
@@ -490,10 +494,16 @@ async fn raw_relay(n: usize) -> Side {
         .basic_qos(PREFETCH, BasicQosOptions::default())
         .await
         .unwrap();
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
+    let transaction = std::env::var_os("BENCH_RELAY_TX").is_some();
+    let pad = vec![b' '; env_usize("BENCH_RELAY_PAD", 0)];
+    if transaction {
+        channel.tx_select().await.unwrap();
+    } else {
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+    }
     let mut consumer = channel
         .basic_consume(
             source.as_str().into(),
@@ -512,12 +522,17 @@ async fn raw_relay(n: usize) -> Side {
             batch.push(d);
         }
         for d in &batch {
+            let body: std::borrow::Cow<'_, [u8]> = if pad.is_empty() {
+                (&d.data[..]).into()
+            } else {
+                [&d.data[..], &pad[..]].concat().into()
+            };
             channel
                 .basic_publish(
                     "".into(),
                     target.as_str().into(),
                     BasicPublishOptions::default(),
-                    &d.data,
+                    &body,
                     BasicProperties::default()
                         .with_delivery_mode(2)
                         .with_priority(1),
@@ -525,12 +540,17 @@ async fn raw_relay(n: usize) -> Side {
                 .await
                 .unwrap();
         }
-        channel.wait_for_confirms().await.unwrap();
+        if !transaction {
+            channel.wait_for_confirms().await.unwrap();
+        }
         let last = batch.last().unwrap().delivery_tag;
         channel
             .basic_ack(last, BasicAckOptions { multiple: true })
             .await
             .unwrap();
+        if transaction {
+            channel.tx_commit().await.unwrap();
+        }
         relayed += batch.len();
     }
     let side = meter.finish(n);
