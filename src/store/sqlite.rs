@@ -189,18 +189,7 @@ impl Store for SqliteStore {
         // IMMEDIATE: take the write lock first, so the reads below stay valid until commit.
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         mark_published(&mut tx, published).await?;
-        let outcomes = route_in(
-            &mut tx,
-            &self.cache,
-            self.generation.load(std::sync::atomic::Ordering::SeqCst),
-            messages,
-            now_ms,
-            self.reopen_window_ms,
-            self.history,
-            &self.read_statement,
-            decide,
-        )
-        .await;
+        let outcomes = route_in(&mut tx, self, messages, now_ms, decide).await;
         let wrote = |outcomes: &[RouteOutcome]| {
             outcomes
                 .iter()
@@ -764,22 +753,15 @@ async fn mark_published(
 /// ([`read_batch`]), the decisions made in order against an in-memory view ([`Batch`]), then
 /// bulk writes keyed by JSON arrays. Each statement is one round trip to the SQLite thread,
 /// whatever the batch size.
-///
-/// `generation` is `store_generation` as this store's last write left it (see
-/// [`SqliteStore::generation`]).
-#[allow(clippy::too_many_arguments)]
 async fn route_in(
     connection: &mut SqliteConnection,
-    cache: &CustomerCache,
-    generation: i64,
+    store: &SqliteStore,
     messages: &[NormalizedMessage],
     now_ms: i64,
-    reopen_window_ms: i64,
-    history_len: usize,
-    read_statement: &str,
     decide: &DecideFn<'_>,
 ) -> Result<Vec<RouteOutcome>, StoreError> {
-    let mut batch = Batch::new(messages, now_ms, history_len);
+    let cache = &store.cache;
+    let mut batch = Batch::new(messages, now_ms, store.history);
     let keys: Vec<[&str; 2]> = messages
         .iter()
         .map(|m| [m.channel.id.as_str(), m.external_id.as_str()])
@@ -787,10 +769,10 @@ async fn route_in(
     let threads = batch.thread_keys();
     let threads: Vec<[&str; 2]> = threads.iter().map(|(c, k)| [*c, *k]).collect();
     let read = ReadBatch {
-        statement: read_statement,
+        statement: &store.read_statement,
         keys: &keys,
         threads: &threads,
-        reopen_after: now_ms.saturating_sub(reopen_window_ms),
+        reopen_after: now_ms.saturating_sub(store.reopen_window_ms),
         contacts_after: now_ms - DAY_MS,
     };
 
@@ -805,7 +787,7 @@ async fn route_in(
         }
     }
     let mut reads = read_batch(connection, &read, &missing).await?;
-    if reads.generation != generation {
+    if reads.generation != store.generation.load(std::sync::atomic::Ordering::SeqCst) {
         // Another store on this file wrote since our last write (or this is the first): what
         // the cache holds may be stale. Read the customers it served from the database.
         cache.clear();
@@ -1006,7 +988,7 @@ async fn route_in(
 
 /// What a batch looks up before deciding (see [`read_batch`]).
 struct ReadBatch<'a> {
-    /// [`read_statement`]'s.
+    /// The store's [`read_statement`].
     statement: &'a str,
     /// The batch's messages, `[channel id, external id]`: their recorded decisions.
     keys: &'a [[&'a str; 2]],
