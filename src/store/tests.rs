@@ -850,6 +850,14 @@ async fn sqlite_cache_gives_what_the_database_gives() {
     assert_eq!(cached, uncached);
 }
 
+/// Without the cache every history comes from SQLite's read statement, which has the history
+/// length written into it.
+#[tokio::test]
+async fn sqlite_uncached_reads_each_customers_latest_messages() {
+    each_decision_sees_the_customers_latest_messages_on_every_channel(Backend::SqliteUncached)
+        .await;
+}
+
 async fn scenario(backend: Backend) -> Value {
     let store = TestStore::with(backend, Duration::from_secs(3600), 3).await;
     let listing = |id: &str, sender: &str, kind: &str, extra: Value| {
