@@ -71,7 +71,7 @@ pub struct AssignmentData<'a> {
 #[derive(Debug, Clone, Serialize)]
 pub struct Context<'a> {
     pub customer: ContextCustomer<'a>,
-    pub history: &'a [crate::store::HistoryEntry],
+    pub history: &'a [Arc<crate::store::HistoryEntry>],
     /// When the conversation opened (RFC 3339).
     pub open_since: String,
     pub channels_used: &'a [String],

@@ -7,6 +7,7 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
 use serde_json::{Map, Value};
 use switchboard_channel::NormalizedMessage;
@@ -57,7 +58,7 @@ struct CustomerState {
     /// store's view of "current" is then not the batch's, so no snapshot is taken.
     followed_thread: bool,
     /// Latest messages with their time (Unix ms), oldest first, at most `history_len`.
-    history: VecDeque<(i64, HistoryEntry)>,
+    history: VecDeque<(i64, Arc<HistoryEntry>)>,
 }
 
 impl CustomerState {
@@ -151,7 +152,7 @@ pub(super) struct CustomerSnapshot {
     /// The current (open) conversation.
     pub conversation: LoadedConversation,
     /// Latest messages, oldest first, at most `history_len`.
-    pub history: VecDeque<(i64, HistoryEntry)>,
+    pub history: VecDeque<(i64, Arc<HistoryEntry>)>,
     /// Times of the customer's messages in the last 24 hours (older ones are ignored).
     pub contact_times: Vec<i64>,
 }
@@ -430,11 +431,11 @@ impl<'m> Batch<'m> {
         if let Some(customer) = self.customers.get_mut(customer_id) {
             customer.history.push_back((
                 at_ms,
-                HistoryEntry {
+                Arc::new(HistoryEntry {
                     channel,
                     text,
                     at: rfc3339(at_ms),
-                },
+                }),
             ));
         }
     }
@@ -545,7 +546,11 @@ impl<'m> Batch<'m> {
                     age: (now_ms - conversation.opened_at).max(0) / 1000,
                     message_count: u32::try_from(conversation.message_count).unwrap_or(u32::MAX),
                 },
-                history: customer.history.iter().map(|(_, e)| e.clone()).collect(),
+                history: customer
+                    .history
+                    .iter()
+                    .map(|(_, e)| Arc::clone(e))
+                    .collect(),
                 conversation_opened_at: conversation.opened_at,
             };
             let routed = decide(message, &resolved);
@@ -563,11 +568,11 @@ impl<'m> Batch<'m> {
                 }
                 customer.history.push_back((
                     now_ms,
-                    HistoryEntry {
+                    Arc::new(HistoryEntry {
                         channel: message.channel.kind.clone(),
                         text: message.text.clone(),
                         at: rfc3339(now_ms),
-                    },
+                    }),
                 ));
             }
             conversation.changed = true;
@@ -738,7 +743,7 @@ impl<'m> Batch<'m> {
             if moved {
                 survivor.open_conversations += open;
             }
-            let mut joined: Vec<(i64, HistoryEntry)> =
+            let mut joined: Vec<(i64, Arc<HistoryEntry>)> =
                 survivor.history.drain(..).chain(history).collect();
             joined.sort_by_key(|(at, _)| *at);
             let skip = joined.len().saturating_sub(self.history_len);

@@ -61,7 +61,8 @@ pub struct Resolved {
     pub customer: CustomerView,
     pub conversation: ConversationView,
     /// The customer's latest earlier messages, on every channel, oldest first.
-    pub history: Vec<HistoryEntry>,
+    /// Shared with the batch and the cache: an entry is not copied per message.
+    pub history: Vec<std::sync::Arc<HistoryEntry>>,
     /// When the conversation opened (Unix ms).
     pub conversation_opened_at: i64,
 }

@@ -540,7 +540,8 @@ async fn each_decision_sees_the_customers_latest_messages_on_every_channel(backe
         2_000,
     )
     .await;
-    let texts = |h: &[HistoryEntry]| h.iter().map(|e| e.text.clone()).collect::<Vec<_>>();
+    let texts =
+        |h: &[std::sync::Arc<HistoryEntry>]| h.iter().map(|e| e.text.clone()).collect::<Vec<_>>();
     assert_eq!(texts(&seen[0].history), ["first"]);
     assert_eq!(texts(&seen[1].history), ["first", "second"]);
     assert_eq!(seen[1].history[1].channel, "email");
