@@ -293,7 +293,8 @@ impl Router {
         let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
         let mut to_route = Vec::new();
         let mut positions = Vec::new();
-        let mut keys = HashSet::new();
+        let mut keys: HashSet<(String, String), foldhash::fast::RandomState> =
+            HashSet::with_capacity_and_hasher(batch.len(), Default::default());
         let rules = self.rules.load_full();
         for (index, delivery) in batch.iter().enumerate() {
             if let Some(reason) = delivery

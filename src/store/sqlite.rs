@@ -2,7 +2,7 @@
 //! committed transaction when the process crashes (the WAL is written before commit returns);
 //! only an OS crash or power loss can drop the last commits.
 
-use std::collections::{HashMap, HashSet};
+use super::batch::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
@@ -808,7 +808,7 @@ async fn route_in(
         let stored = row.stored_decision()?;
         batch.existing(row.channel_id, row.external_id, stored);
     }
-    let mut cached: HashSet<String> = HashSet::new();
+    let mut cached: HashSet<String> = HashSet::default();
     for (identity, customer_id, snapshot) in hits {
         if cached.insert(customer_id.clone()) {
             batch.cached(&customer_id, &snapshot);
