@@ -532,6 +532,9 @@ async fn router_alone(n: usize) -> Side {
     let meter = Meter::start();
     router.run_on_own_thread(link, done).await;
     let side = meter.finish(n);
+    if std::env::var("BENCH_KEEP").is_ok() {
+        eprintln!("the router's store: {}", dir.keep().join("b.db").display());
+    }
     Side {
         broker_us: f64::NAN,
         ..side
