@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
+use aho_corasick::AhoCorasick;
 use serde::{Deserialize, Serialize};
 use switchboard_channel::NormalizedMessage;
 use vader_sentimental::SentimentIntensityAnalyzer;
@@ -55,8 +56,9 @@ fn default_max_keywords() -> u32 {
 #[derive(Debug, Clone)]
 pub struct SignalModel {
     detector: Option<Detector>,
-    /// ISO 639-1 → lowercase keywords.
-    keywords: BTreeMap<String, Vec<String>>,
+    /// ISO 639-1 → lowercase keywords, and an automaton that finds all of them in one pass
+    /// over the text (pattern `i` is keyword `i`).
+    keywords: BTreeMap<String, (Vec<String>, AhoCorasick)>,
     pub weights: Weights,
 }
 
@@ -85,8 +87,14 @@ impl SignalModel {
         }
         let keywords = keywords
             .into_iter()
-            .map(|(lang, words)| (lang, words.into_iter().map(|w| w.to_lowercase()).collect()))
-            .collect();
+            .map(|(lang, words)| {
+                let words: Vec<String> = words.into_iter().map(|w| w.to_lowercase()).collect();
+                let matcher = AhoCorasick::new(&words).map_err(|error| {
+                    format!("[keywords] {lang}: the lexicon cannot be compiled: {error}")
+                })?;
+                Ok((lang, (words, matcher)))
+            })
+            .collect::<Result<_, String>>()?;
         Ok(Self {
             // One language cannot be told apart from anything: detect only between two or more.
             detector: (allow.len() >= 2).then(|| Detector::with_allowlist(allow)),
@@ -114,14 +122,24 @@ impl SignalModel {
             signals.sentiment = analyzer().polarity_scores(&text).compound;
         }
         let lowered = text.to_lowercase();
-        let lexicons: Vec<&Vec<String>> = if signals.language.is_empty() {
+        let lexicons: Vec<&(Vec<String>, AhoCorasick)> = if signals.language.is_empty() {
             self.keywords.values().collect()
         } else {
             self.keywords.get(&signals.language).into_iter().collect()
         };
-        for keyword in lexicons.into_iter().flatten() {
-            if contains_word(&lowered, keyword) && !signals.urgent_keywords.contains(keyword) {
-                signals.urgent_keywords.push(keyword.clone());
+        for (words, matcher) in lexicons {
+            // Every occurrence of every keyword, overlapping ones too, in one pass; a keyword
+            // counts when one of its occurrences is a whole word or phrase.
+            let mut found = vec![false; words.len()];
+            for hit in matcher.find_overlapping_iter(&lowered) {
+                if is_whole_word(&lowered, hit.start(), hit.end()) {
+                    found[hit.pattern().as_usize()] = true;
+                }
+            }
+            for (keyword, found) in words.iter().zip(found) {
+                if found && !signals.urgent_keywords.contains(keyword) {
+                    signals.urgent_keywords.push(keyword.clone());
+                }
             }
         }
         signals
@@ -190,13 +208,12 @@ fn analyzer() -> &'static SentimentIntensityAnalyzer<'static> {
     ANALYZER.get_or_init(SentimentIntensityAnalyzer::new)
 }
 
-/// `needle` in `haystack` as a whole word or phrase.
-fn contains_word(haystack: &str, needle: &str) -> bool {
-    haystack.match_indices(needle).any(|(start, _)| {
-        let before = haystack[..start].chars().next_back();
-        let after = haystack[start + needle.len()..].chars().next();
-        !before.is_some_and(char::is_alphanumeric) && !after.is_some_and(char::is_alphanumeric)
-    })
+/// Whether `haystack[start..end]` stands as a whole word or phrase: no letter or digit just
+/// before or after it.
+fn is_whole_word(haystack: &str, start: usize, end: usize) -> bool {
+    let before = haystack[..start].chars().next_back();
+    let after = haystack[end..].chars().next();
+    !before.is_some_and(char::is_alphanumeric) && !after.is_some_and(char::is_alphanumeric)
 }
 
 /// ISO 639-1 codes of the languages whatlang detects that support teams most often serve.
@@ -391,6 +408,24 @@ mod tests {
             1,
         );
         assert_eq!(s.urgent_keywords, vec!["dringend"]);
+        // Lexicon order, whatever the order in the text; each keyword once.
+        let s = m.compute(
+            &message("Right now, please: it is urgent, urgent, urgent that someone answers."),
+            1,
+        );
+        assert_eq!(s.urgent_keywords, vec!["urgent", "right now"]);
+    }
+
+    #[test]
+    fn a_keyword_counts_where_it_stands_alone_even_after_a_partial_occurrence() {
+        // The first occurrence of "ab ab" starts inside "xab"; the one that stands alone
+        // overlaps it.
+        let keywords = BTreeMap::from([("en".to_owned(), vec!["AB AB".to_owned()])]);
+        let m = SignalModel::new(&["*".to_owned()], keywords, Weights::default()).unwrap();
+        let s = m.compute(&message("xab ab ab"), 1);
+        assert_eq!(s.urgent_keywords, vec!["ab ab"]);
+        let s = m.compute(&message("xab ab abc"), 1);
+        assert!(s.urgent_keywords.is_empty(), "{:?}", s.urgent_keywords);
     }
 
     #[test]
