@@ -2,7 +2,6 @@
 //! committed transaction when the process crashes (the WAL is written before commit returns);
 //! only an OS crash or power loss can drop the last commits.
 
-use super::batch::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
@@ -16,7 +15,7 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Row as _, Sqlite, SqliteConnection, TypeInfo as _, ValueRef as _};
 use switchboard_channel::NormalizedMessage;
 
-use super::batch::{Batch, DAY_MS, MergeRow, explicit_merge, merge_entry};
+use super::batch::{Batch, DAY_MS, HashMap, HashSet, MergeRow, explicit_merge, merge_entry};
 use super::cache::CustomerCache;
 use super::reads::{ConversationRow, HistoryRow, IdentityRow, KnownRow, ThreadRow};
 use super::{
@@ -1195,7 +1194,8 @@ impl Packer {
     fn pack(&mut self, assignment: &str) -> Vec<u8> {
         let input = assignment.as_bytes();
         let Ok(size) = u32::try_from(input.len()) else {
-            // Over 4 GiB: not an assignment this daemon writes; let the library say so.
+            // Over 4 GiB, which no assignment reaches (bodies are capped far below): the
+            // library's own form, as before the packer.
             return lz4_flex::compress_prepend_size(input);
         };
         let most = lz4_flex::block::get_maximum_output_size(input.len());
