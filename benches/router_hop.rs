@@ -444,9 +444,9 @@ async fn router_hop(n: usize) -> Side {
 }
 
 /// `BENCH_ONLY=router`: the router and its SQLite store alone, over an in-memory link that
-/// always holds the next batch and commits at once: no broker. Its CPU per message is this
-/// process's whole share of the hop, without the broker competing for the two cores, and varies
-/// far less between runs than the hop's rate: the figure to compare router changes by.
+/// always holds the next batch and commits at once: no broker, no RabbitMQ needed. Under
+/// callgrind its instruction count repeats to ~0.15 % from run to run, where the hop's rate
+/// swings by ±10 %: the figure to compare router changes by (PERFORMANCE.md, eighth session).
 async fn router_alone(n: usize) -> Side {
     struct MemoryLink {
         bodies: std::collections::VecDeque<Vec<u8>>,
