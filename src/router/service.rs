@@ -371,6 +371,12 @@ impl Router {
                     info!(queue = %stored.queue, "Redelivered before its commit; publishing the recorded assignment.");
                     Some((stored.queue, stored.priority, stored.assignment))
                 }
+                RouteOutcome::Unreadable(reason) => {
+                    outcomes[index] = Some(dead(format!(
+                        "its recorded routing decision cannot be read back ({reason}); not routed again"
+                    )));
+                    continue;
+                }
             };
             outcomes[index] = Some(match assignment {
                 Some((queue, priority, body)) => {
@@ -560,4 +566,85 @@ pub fn assignment_json(
     event.subject = Some(conversation_id.to_owned());
     // Serializing plain data structures cannot fail.
     serde_json::to_string(&event).expect("assignment serializes")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchboard_channel::{ChannelRef, Sender};
+
+    fn delivery(tag: u64, external_id: &str) -> Delivery {
+        let message = NormalizedMessage {
+            message_id: NormalizedMessage::stable_id("chat", external_id),
+            channel: ChannelRef {
+                id: "chat".into(),
+                kind: "webchat".into(),
+            },
+            external_id: external_id.into(),
+            thread_key: None,
+            sender: Sender {
+                kind: "webchat".into(),
+                address: "visitor-1".into(),
+                name: None,
+            },
+            subject: None,
+            text: "Where is my order?".into(),
+            attachments: vec![],
+            received_at: OffsetDateTime::now_utc(),
+            auto_submitted: false,
+            metadata: Default::default(),
+        };
+        Delivery {
+            tag,
+            body: serde_json::to_vec(&CloudEvent::message_received(message)).unwrap(),
+            redelivered: true,
+            death_reason: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_message_whose_recorded_decision_is_corrupt_is_dead_lettered_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let store = crate::store::SqliteStore::open(&url).await.unwrap();
+        // A recorded decision whose packed assignment is no LZ4 block.
+        sqlx::query(
+            "INSERT INTO decisions (channel_id, external_id, conversation_id, queue, urgency,
+                                    priority, assignment, decided_at)
+             VALUES ('chat', 'broken', 'c1', 'general', 0, 1, x'40000000f001', 0)",
+        )
+        .execute(store.pool())
+        .await
+        .unwrap();
+        let rules_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("routing-rules");
+        let router = Router {
+            rules: Arc::new(ArcSwap::from_pointee(
+                RuleSet::load_dir(&rules_dir).unwrap(),
+            )),
+            store: Arc::new(store),
+            loads: Default::default(),
+        };
+        let prepared = router
+            .prepare(&[delivery(1, "broken"), delivery(2, "fine")], &[])
+            .await
+            .unwrap();
+        match &prepared.outcomes[..] {
+            [(1, Outcome::Dead(reason)), (2, Outcome::Assign(assignment))] => {
+                assert!(
+                    reason.contains("recorded routing decision cannot be read back"),
+                    "{reason}"
+                );
+                assert!(
+                    reason.contains("a stored assignment is corrupt"),
+                    "{reason}"
+                );
+                assert_eq!(assignment.queue, "general");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            prepared.publish_keys,
+            [("chat".to_owned(), "fine".to_owned())]
+        );
+    }
 }

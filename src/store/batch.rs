@@ -36,6 +36,8 @@ pub(super) struct Batch<'m> {
     now_ms: i64,
     history_len: usize,
     existing: HashMap<(String, String), StoredDecision>,
+    /// Recorded decisions that cannot be read back, with the reason.
+    unreadable: HashMap<(String, String), String>,
     by_identity: HashMap<(String, String), String>,
     customers: HashMap<String, CustomerState>,
     /// By customer id: the conversation the customer's next message continues.
@@ -253,6 +255,7 @@ impl<'m> Batch<'m> {
             now_ms,
             history_len,
             existing: HashMap::default(),
+            unreadable: HashMap::default(),
             // Sized for a batch of distinct customers: no rehashing as they are added.
             by_identity: HashMap::with_capacity_and_hasher(messages.len(), Default::default()),
             customers: HashMap::with_capacity_and_hasher(messages.len(), Default::default()),
@@ -271,6 +274,11 @@ impl<'m> Batch<'m> {
     /// A decision already recorded for `(channel_id, external_id)`.
     pub fn existing(&mut self, channel_id: String, external_id: String, stored: StoredDecision) {
         self.existing.insert((channel_id, external_id), stored);
+    }
+
+    /// A message whose recorded decision cannot be read back, and why.
+    pub fn unreadable(&mut self, channel_id: String, external_id: String, reason: String) {
+        self.unreadable.insert((channel_id, external_id), reason);
     }
 
     /// A stored identity and its customer; `attributes` is read once per customer.
@@ -463,6 +471,10 @@ impl<'m> Batch<'m> {
             let key = (message.channel.id.clone(), message.external_id.clone());
             if let Some(stored) = self.existing.get(&key).or_else(|| decided.get(&key)) {
                 outcomes.push(RouteOutcome::Existing(stored.clone()));
+                continue;
+            }
+            if let Some(reason) = self.unreadable.get(&key) {
+                outcomes.push(RouteOutcome::Unreadable(reason.clone()));
                 continue;
             }
             // The customer behind the first known identity (the sender's first); a new one if

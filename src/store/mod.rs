@@ -101,6 +101,10 @@ pub enum RouteOutcome {
     },
     /// A decision was already recorded for this message key.
     Existing(StoredDecision),
+    /// A decision is recorded for this message key but cannot be read back (a corrupt row):
+    /// the message is not decided again, and the router dead-letters it with this reason
+    /// rather than stall its whole batch.
+    Unreadable(String),
 }
 
 /// A customer as the API shows it.

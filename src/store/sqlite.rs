@@ -804,8 +804,15 @@ async fn route_in(
         .increment((identities.len() - hits.len()) as u64);
 
     for row in reads.existing {
-        let stored = row.stored_decision()?;
-        batch.existing(row.channel_id, row.external_id, stored);
+        match row.stored_decision() {
+            Ok(stored) => batch.existing(row.channel_id, row.external_id, stored),
+            // One corrupt row must not stall every batch it lands in: its message is
+            // dead-lettered with the reason, the rest of the batch goes on.
+            Err(error @ StoreError::CorruptAssignment(_)) => {
+                batch.unreadable(row.channel_id, row.external_id, error.to_string());
+            }
+            Err(error) => return Err(error),
+        }
     }
     let mut cached: HashSet<String> = HashSet::default();
     for (identity, customer_id, snapshot) in hits {
@@ -1313,15 +1320,36 @@ mod tests {
             };
             assert_eq!(outcomes, [RouteOutcome::Existing(expected)], "{key}");
         }
+        // A corrupt one is reported for its message alone, and its batch goes on: the other
+        // message is decided and recorded.
         for key in ["corrupt", "huge"] {
             let message = super::super::tests::message(key, "dana", "webchat");
-            let error = store
-                .route_batch(std::slice::from_ref(&message), 1_000, &[], &decide)
+            let fresh = super::super::tests::message(&format!("after-{key}"), "dana", "webchat");
+            let routed = |_: &NormalizedMessage, _: &super::super::Resolved| super::super::Routed {
+                queue: "general".into(),
+                urgency: 0,
+                priority: 1,
+                assignment: "{}".into(),
+            };
+            let outcomes = store
+                .route_batch(&[message, fresh.clone()], 1_000, &[], &routed)
                 .await
-                .unwrap_err();
+                .unwrap();
+            match &outcomes[..] {
+                [RouteOutcome::Unreadable(reason), RouteOutcome::New { .. }] => {
+                    assert!(
+                        reason.contains("a stored assignment is corrupt"),
+                        "{key}: {reason}"
+                    );
+                }
+                other => panic!("{key}: {other:?}"),
+            }
             assert!(
-                matches!(error, StoreError::CorruptAssignment(_)),
-                "{key}: {error}"
+                store
+                    .decision("chat", &fresh.external_id)
+                    .await
+                    .unwrap()
+                    .is_some()
             );
         }
         let kinds: Vec<String> =
@@ -1329,7 +1357,7 @@ mod tests {
                 .fetch_all(&store.writer)
                 .await
                 .unwrap();
-        assert_eq!(kinds, ["blob", "text", "blob", "blob"]);
+        assert_eq!(kinds, ["blob", "text", "blob", "blob", "blob", "blob"]);
         // Packed is what the router writes, and it is smaller.
         let mut packer = Packer::default();
         assert!(packer.pack(&json.repeat(20)).len() < json.len() * 20 / 4);
