@@ -74,7 +74,7 @@ fn now_ms() -> i64 {
 async fn measure(store: &dyn Store, customers: usize, samples: usize) -> (Vec<f64>, Vec<f64>) {
     let mut random = Lcg(42);
     let resolved_at = std::sync::Mutex::new(Instant::now());
-    let decide = |_: &NormalizedMessage, resolved: &Resolved| {
+    let decide = |_: &NormalizedMessage, _: &serde_json::value::RawValue, resolved: &Resolved| {
         *resolved_at.lock().unwrap() = Instant::now();
         assert!(
             !resolved.conversation.new,

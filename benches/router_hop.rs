@@ -13,7 +13,10 @@
 //! diagnostics of the relay side (not the product's figure, which uses neither):
 //! `BENCH_RELAY_TX` (the relay publishes and acks in an AMQP transaction per batch, as the
 //! router does, instead of awaiting confirms) and `BENCH_RELAY_PAD` (bytes added to each body
-//! the relay publishes, to match the larger assignments).
+//! the relay publishes, to match the larger assignments), `BENCH_RELAY_PROPS` (`all`, or some of
+//! `content_type,message_id,type,timestamp,headers`: publish with the assignment's properties)
+//! and
+//! `BENCH_RELAY_TTL` (milliseconds: a per-message expiration, as an SLA gives an assignment).
 //!
 //! Besides the rates, each run reports the CPU time per message of this process (the relay
 //! client, or the router with its store) and of the broker (`beam.smp`, read from `/proc`):
@@ -93,20 +96,40 @@ async fn connect() -> Connection {
 
 /// Publishes `bodies` with confirms, pipelined.
 async fn fill(connection: &Connection, exchange: &str, key: &str, bodies: &[Vec<u8>]) {
+    fill_keyed(connection, exchange, key, bodies, None).await;
+}
+
+/// [`fill`], each message with the partition-key header of the sender `senders` gives.
+async fn fill_keyed(
+    connection: &Connection,
+    exchange: &str,
+    key: &str,
+    bodies: &[Vec<u8>],
+    senders: Option<&dyn Fn(usize) -> String>,
+) {
     let channel = connection.create_channel().await.unwrap();
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await
         .unwrap();
-    for chunk in bodies.chunks(1000) {
-        for body in chunk {
+    for (c, chunk) in bodies.chunks(1000).enumerate() {
+        for (i, body) in chunk.iter().enumerate() {
+            let mut properties = BasicProperties::default().with_delivery_mode(2);
+            if let Some(sender) = senders {
+                let mut headers = FieldTable::default();
+                headers.insert(
+                    switchboard::bus::PARTITION_KEY_HEADER.into(),
+                    lapin::types::AMQPValue::LongString(sender(c * 1000 + i).into()),
+                );
+                properties = properties.with_headers(headers);
+            }
             channel
                 .basic_publish(
                     exchange.into(),
                     key.into(),
                     BasicPublishOptions::default(),
                     body,
-                    BasicProperties::default().with_delivery_mode(2),
+                    properties,
                 )
                 .await
                 .unwrap();
@@ -283,7 +306,8 @@ impl Store for NoStore {
                     history: Vec::new(),
                     conversation_opened_at: 0,
                 };
-                let routed = decide(message, &resolved);
+                let envelope = serde_json::value::to_raw_value(message).unwrap();
+                let routed = decide(message, &envelope, &resolved);
                 switchboard::store::RouteOutcome::New {
                     queue: routed.queue,
                     priority: routed.priority,
@@ -397,6 +421,7 @@ async fn router_hop(n: usize) -> Side {
     let config = BusConfig {
         prefix: prefix.clone(),
         prefetch: PREFETCH,
+        partitions: u16::try_from(env_usize("BENCH_PARTITIONS", 0)).unwrap(),
         ..BusConfig::default()
     };
     let tracker = TaskTracker::new();
@@ -413,11 +438,13 @@ async fn router_hop(n: usize) -> Side {
     let bodies: Vec<Vec<u8>> = (0..n)
         .map(|i| serde_json::to_vec(&CloudEvent::message_received(message(i))).unwrap())
         .collect();
-    fill(
+    let sender = |i: usize| switchboard::bus::partition_key(&message(i).sender);
+    fill_keyed(
         &connection,
         &format!("{prefix}.inbound"),
         "webchat.chat",
         &bodies,
+        Some(&sender),
     )
     .await;
 
@@ -572,6 +599,12 @@ async fn raw_relay(n: usize) -> Side {
         "x-max-priority".into(),
         lapin::types::AMQPValue::ShortShortUInt(10),
     );
+    if let Ok(v) = std::env::var("BENCH_RELAY_QV") {
+        priority.insert(
+            "x-queue-version".into(),
+            lapin::types::AMQPValue::ShortShortUInt(v.parse().unwrap()),
+        );
+    }
     setup
         .queue_declare(
             target.as_str().into(),
@@ -595,6 +628,8 @@ async fn raw_relay(n: usize) -> Side {
         .unwrap();
     let transaction = std::env::var_os("BENCH_RELAY_TX").is_some();
     let pad = vec![b' '; env_usize("BENCH_RELAY_PAD", 0)];
+    let props = std::env::var("BENCH_RELAY_PROPS").ok();
+    let ttl = std::env::var("BENCH_RELAY_TTL").ok();
     if transaction {
         channel.tx_select().await.unwrap();
     } else {
@@ -632,9 +667,7 @@ async fn raw_relay(n: usize) -> Side {
                     target.as_str().into(),
                     BasicPublishOptions::default(),
                     &body,
-                    BasicProperties::default()
-                        .with_delivery_mode(2)
-                        .with_priority(1),
+                    relay_properties(props.as_deref(), ttl.as_deref()),
                 )
                 .await
                 .unwrap();
@@ -660,6 +693,40 @@ async fn raw_relay(n: usize) -> Side {
         .queue_delete(target.as_str().into(), QueueDeleteOptions::default())
         .await;
     side
+}
+
+/// What the relay publishes with: by default only what the target queue needs; the
+/// diagnostics add what an assignment carries.
+fn relay_properties(props: Option<&str>, ttl: Option<&str>) -> BasicProperties {
+    let mut properties = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_priority(1);
+    let has =
+        |what: &str| props.is_some_and(|p| p == "all" || p.split(',').any(|token| token == what));
+    if has("content_type") {
+        properties = properties.with_content_type("application/cloudevents+json".into());
+    }
+    if has("message_id") {
+        properties = properties.with_message_id(uuid::Uuid::new_v4().to_string().into());
+    }
+    if has("type") {
+        properties = properties.with_type("switchboard.conversation.assigned".into());
+    }
+    if has("timestamp") {
+        properties = properties.with_timestamp(1_795_000_000);
+    }
+    if has("headers") {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "x-switchboard-key".into(),
+            lapin::types::AMQPValue::LongString("webchat:visitor-1".into()),
+        );
+        properties = properties.with_headers(headers);
+    }
+    if let Some(ms) = ttl {
+        properties = properties.with_expiration(ms.into());
+    }
+    properties
 }
 
 /// Webhook → assignment latency through the real daemon at a fixed request rate.

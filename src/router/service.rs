@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use serde::Serialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use switchboard_channel::envelope::event_type;
 use switchboard_channel::{CloudEvent, NormalizedMessage};
@@ -63,7 +64,8 @@ pub struct AssignmentData<'a> {
     pub language: Option<&'a str>,
     /// The queue was closed when this was decided (see `explanation.business_hours`).
     pub outside_hours: bool,
-    pub message: &'a NormalizedMessage,
+    /// The normalized message, as JSON.
+    pub message: &'a RawValue,
     pub context: Context<'a>,
     pub explanation: &'a super::decide::Explanation,
 }
@@ -332,8 +334,8 @@ impl Router {
 
         let now_ms = i64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000)
             .unwrap_or(i64::MAX);
-        let decide_one = |message: &NormalizedMessage, resolved: &Resolved| {
-            route(&rules, &self.loads, message, resolved)
+        let decide_one = |message: &NormalizedMessage, envelope: &RawValue, resolved: &Resolved| {
+            route(&rules, &self.loads, message, envelope, resolved)
         };
         let routed = if to_route.is_empty() {
             self.store
@@ -470,6 +472,7 @@ fn route(
     rules: &RuleSet,
     loads: &crate::bus::QueueLoads,
     message: &NormalizedMessage,
+    envelope: &RawValue,
     resolved: &Resolved,
 ) -> Routed {
     let signals = rules
@@ -497,7 +500,7 @@ fn route(
         "Conversation assigned."
     );
     Routed {
-        assignment: assignment_json(message, resolved, &decision),
+        assignment: assignment_json(message, envelope, resolved, &decision),
         queue: decision.queue,
         urgency: decision.urgency,
         priority: decision.priority,
@@ -515,9 +518,10 @@ fn assignment_event_id(message: &NormalizedMessage) -> String {
     format!("assign-{}", message.message_id)
 }
 
-/// The assignment CloudEvent as JSON.
+/// The assignment CloudEvent as JSON; `envelope` is `message` as JSON.
 pub fn assignment_json(
     message: &NormalizedMessage,
+    envelope: &RawValue,
     resolved: &Resolved,
     decision: &Decision,
 ) -> String {
@@ -543,7 +547,7 @@ pub fn assignment_json(
         tags: &decision.tags,
         language: decision.language.as_deref(),
         outside_hours: decision.outside_hours,
-        message,
+        message: envelope,
         context: Context {
             customer: ContextCustomer {
                 attributes: &customer.attributes,
@@ -573,8 +577,8 @@ mod tests {
     use super::*;
     use switchboard_channel::{ChannelRef, Sender};
 
-    fn delivery(tag: u64, external_id: &str) -> Delivery {
-        let message = NormalizedMessage {
+    fn message(external_id: &str) -> NormalizedMessage {
+        NormalizedMessage {
             message_id: NormalizedMessage::stable_id("chat", external_id),
             channel: ChannelRef {
                 id: "chat".into(),
@@ -593,10 +597,13 @@ mod tests {
             received_at: OffsetDateTime::now_utc(),
             auto_submitted: false,
             metadata: Default::default(),
-        };
+        }
+    }
+
+    fn delivery(tag: u64, external_id: &str) -> Delivery {
         Delivery {
             tag,
-            body: serde_json::to_vec(&CloudEvent::message_received(message)).unwrap(),
+            body: serde_json::to_vec(&CloudEvent::message_received(message(external_id))).unwrap(),
             redelivered: true,
             death_reason: None,
         }
@@ -646,5 +653,49 @@ mod tests {
             prepared.publish_keys,
             [("chat".to_owned(), "fine".to_owned())]
         );
+    }
+
+    /// The message and the history entries go into the assignment as JSON made once (by the
+    /// store, when each was recorded); the result is the same document as serializing them in
+    /// place, escapes included.
+    #[test]
+    fn an_assignment_embeds_the_recorded_json_of_its_message_and_history() {
+        let mut message = message("m-1");
+        message.text = "Quote \" and\nnew line, caf\u{e9} \u{1F600}".into();
+        let earlier = [
+            ("email", "Re: \"invoice\"\t#42", "2026-11-23T08:00:00Z"),
+            ("webchat", "\u{7}bell", "2026-11-23T08:01:00Z"),
+        ];
+        let resolved = Resolved {
+            customer: Default::default(),
+            conversation: Default::default(),
+            history: earlier
+                .iter()
+                .map(|(channel, text, at)| {
+                    Arc::new(crate::store::HistoryEntry::new(
+                        (*channel).into(),
+                        (*text).into(),
+                        (*at).into(),
+                    ))
+                })
+                .collect(),
+            conversation_opened_at: 0,
+        };
+        let rules_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("routing-rules");
+        let rules = RuleSet::load_dir(&rules_dir).unwrap();
+        let envelope = serde_json::value::to_raw_value(&message).unwrap();
+        let routed = route(&rules, &Default::default(), &message, &envelope, &resolved);
+        let event: Value = serde_json::from_str(&routed.assignment).unwrap();
+        assert_eq!(
+            event["data"]["message"],
+            serde_json::to_value(&message).unwrap()
+        );
+        let history: Vec<Value> = earlier
+            .iter()
+            .map(|(channel, text, at)| serde_json::json!({"channel": channel, "text": text, "at": at}))
+            .collect();
+        assert_eq!(event["data"]["context"]["history"], Value::from(history));
+        assert_eq!(resolved.history[0], resolved.history[0].clone());
+        assert_eq!(resolved.history[0].text(), earlier[0].1);
     }
 }

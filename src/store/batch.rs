@@ -446,11 +446,7 @@ impl<'m> Batch<'m> {
         if let Some(customer) = self.customers.get_mut(customer_id) {
             customer.history.push_back((
                 at_ms,
-                Arc::new(HistoryEntry {
-                    channel,
-                    text,
-                    at: rfc3339(at_ms),
-                }),
+                Arc::new(HistoryEntry::new(channel, text, rfc3339(at_ms))),
             ));
         }
     }
@@ -573,7 +569,8 @@ impl<'m> Batch<'m> {
                     .collect(),
                 conversation_opened_at: conversation.opened_at,
             };
-            let routed = decide(message, &resolved);
+            let envelope = serde_json::value::to_raw_value(message)?;
+            let routed = decide(message, &envelope, &resolved);
 
             customer.recent = customer.recent.saturating_add(1);
             if let Some(times) = &mut customer.contact_times {
@@ -588,11 +585,11 @@ impl<'m> Batch<'m> {
                 }
                 customer.history.push_back((
                     now_ms,
-                    Arc::new(HistoryEntry {
-                        channel: message.channel.kind.clone(),
-                        text: message.text.clone(),
-                        at: rfc3339(now_ms),
-                    }),
+                    Arc::new(HistoryEntry::new(
+                        message.channel.kind.clone(),
+                        message.text.clone(),
+                        rfc3339(now_ms),
+                    )),
                 ));
             }
             conversation.changed = true;
@@ -608,7 +605,7 @@ impl<'m> Batch<'m> {
                 message,
                 conversation_id: conversation.id.clone(),
                 customer_id: customer_id.clone(),
-                envelope: serde_json::to_string(message)?,
+                envelope: Box::<str>::from(envelope).into_string(),
                 queue: routed.queue.clone(),
                 urgency: routed.urgency,
                 priority: routed.priority,

@@ -67,14 +67,65 @@ pub struct Resolved {
     pub conversation_opened_at: i64,
 }
 
-/// One earlier message in an assignment's `context.history`.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+/// One earlier message in an assignment's `context.history`: `{"channel", "text", "at"}`.
+///
+/// Serialized once, when made: an entry goes into each of the customer's next N assignments,
+/// and serializes as that JSON.
+#[derive(Debug, Clone)]
 pub struct HistoryEntry {
-    /// Channel kind: `webchat`, `email`, …
-    pub channel: String,
-    pub text: String,
-    /// RFC 3339.
-    pub at: String,
+    channel: String,
+    text: String,
+    at: String,
+    json: Box<serde_json::value::RawValue>,
+}
+
+impl HistoryEntry {
+    /// `channel`: the channel kind (`webchat`, `email`, …); `at`: RFC 3339.
+    pub fn new(channel: String, text: String, at: String) -> Self {
+        #[derive(serde::Serialize)]
+        struct Fields<'a> {
+            channel: &'a str,
+            text: &'a str,
+            at: &'a str,
+        }
+        let fields = Fields {
+            channel: &channel,
+            text: &text,
+            at: &at,
+        };
+        // Three strings always serialize.
+        let json = serde_json::value::to_raw_value(&fields).expect("history entry serializes");
+        Self {
+            channel,
+            text,
+            at,
+            json,
+        }
+    }
+
+    pub fn channel(&self) -> &str {
+        &self.channel
+    }
+
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    pub fn at(&self) -> &str {
+        &self.at
+    }
+}
+
+impl PartialEq for HistoryEntry {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.channel, &self.text, &self.at) == (&other.channel, &other.text, &other.at)
+    }
+}
+
+impl serde::Serialize for HistoryEntry {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.json.serialize(serializer)
+    }
 }
 
 /// Earlier messages an assignment carries, unless `[routing] history` says otherwise.
@@ -166,8 +217,12 @@ pub enum LinkOutcome {
     Taken { customer_id: String },
 }
 
-/// The router's decision step: pure, called inside the store transaction.
-pub type DecideFn<'a> = dyn Fn(&NormalizedMessage, &Resolved) -> Routed + Send + Sync + 'a;
+/// The router's decision step: pure, called inside the store transaction, with the message's
+/// JSON as the store records it (so an assignment embeds it without serializing it again).
+pub type DecideFn<'a> = dyn Fn(&NormalizedMessage, &serde_json::value::RawValue, &Resolved) -> Routed
+    + Send
+    + Sync
+    + 'a;
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {

@@ -1303,7 +1303,10 @@ mod tests {
             "{error}"
         );
         // A redelivered message finds the same decisions in the batch's read.
-        let decide = |_: &NormalizedMessage, _: &super::super::Resolved| -> super::super::Routed {
+        let decide = |_: &NormalizedMessage,
+                      _: &serde_json::value::RawValue,
+                      _: &super::super::Resolved|
+         -> super::super::Routed {
             panic!("a recorded message is not decided again")
         };
         for key in ["packed", "plain"] {
@@ -1325,12 +1328,15 @@ mod tests {
         for key in ["corrupt", "huge"] {
             let message = super::super::tests::message(key, "dana", "webchat");
             let fresh = super::super::tests::message(&format!("after-{key}"), "dana", "webchat");
-            let routed = |_: &NormalizedMessage, _: &super::super::Resolved| super::super::Routed {
-                queue: "general".into(),
-                urgency: 0,
-                priority: 1,
-                assignment: "{}".into(),
-            };
+            let routed =
+                |_: &NormalizedMessage,
+                 _: &serde_json::value::RawValue,
+                 _: &super::super::Resolved| super::super::Routed {
+                    queue: "general".into(),
+                    urgency: 0,
+                    priority: 1,
+                    assignment: "{}".into(),
+                };
             let outcomes = store
                 .route_batch(&[message, fresh.clone()], 1_000, &[], &routed)
                 .await

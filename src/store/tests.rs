@@ -236,15 +236,16 @@ async fn route(
     now_ms: i64,
 ) -> (Vec<RouteOutcome>, Vec<Resolved>) {
     let seen = Mutex::new(Vec::new());
-    let decide = |message: &NormalizedMessage, resolved: &Resolved| {
-        seen.lock().unwrap().push(resolved.clone());
-        Routed {
-            queue: "general".into(),
-            urgency: 12,
-            priority: 1,
-            assignment: format!("{{\"for\": \"{}\"}}", message.external_id),
-        }
-    };
+    let decide =
+        |message: &NormalizedMessage, _: &serde_json::value::RawValue, resolved: &Resolved| {
+            seen.lock().unwrap().push(resolved.clone());
+            Routed {
+                queue: "general".into(),
+                urgency: 12,
+                priority: 1,
+                assignment: format!("{{\"for\": \"{}\"}}", message.external_id),
+            }
+        };
     let outcomes = store
         .route_batch(messages, now_ms, &[], &decide)
         .await
@@ -349,7 +350,7 @@ async fn a_batch_marks_earlier_decisions_published(backend: Backend) {
     };
     assert!(!published("m-1").await && !published("m-2").await);
 
-    let decide = |_: &NormalizedMessage, _: &Resolved| Routed {
+    let decide = |_: &NormalizedMessage, _: &serde_json::value::RawValue, _: &Resolved| Routed {
         queue: "general".into(),
         urgency: 0,
         priority: 0,
