@@ -5,18 +5,21 @@
 //! environment: `BENCH_MESSAGES` (default 20000), `BENCH_RUNS` (3), `BENCH_RATE` (1000/s),
 //! `BENCH_SECONDS` (10), `BENCH_ONLY` (`hop` or `raw`: profile one side; the ratio is then NaN;
 //! `router`: the router and its store over an in-memory link, no broker, see [`router_alone`]),
-//! `BENCH_RULES` (a rules directory instead of the shipped `routing-rules/`), `BENCH_STORE=none`
+//! `BENCH_SENDERS` (1000: how many customers the messages come from), `BENCH_RULES` (a rules
+//! directory instead of the shipped `routing-rules/`), `BENCH_STORE=none`
 //! (diagnostic: the hop with a store that records nothing and resolves every message to a new
 //! customer, i.e. the ceiling the bus and the decision leave; not the product's figure),
 //! `BENCH_KEEP` (keep the hop's SQLite file and print its path, to look at what was written),
-//! `BENCH_THREADS` (also print the hop's CPU per message by thread of this process);
-//! diagnostics of the relay side (not the product's figure, which uses neither):
+//! `BENCH_THREADS` (also print the hop's CPU per message by thread of this process),
+//! `BENCH_PARTITIONS` (the hop's router input as `[bus] partitions` queues; needs RabbitMQ's
+//! consistent-hash plugin);
+//! diagnostics of the relay side (not the product's figure, which uses none of them):
 //! `BENCH_RELAY_TX` (the relay publishes and acks in an AMQP transaction per batch, as the
-//! router does, instead of awaiting confirms) and `BENCH_RELAY_PAD` (bytes added to each body
+//! router does, instead of awaiting confirms), `BENCH_RELAY_PAD` (bytes added to each body
 //! the relay publishes, to match the larger assignments), `BENCH_RELAY_PROPS` (`all`, or some of
-//! `content_type,message_id,type,timestamp,headers`: publish with the assignment's properties)
-//! and
-//! `BENCH_RELAY_TTL` (milliseconds: a per-message expiration, as an SLA gives an assignment).
+//! `content_type,message_id,type,timestamp,headers`: publish with the assignment's properties),
+//! `BENCH_RELAY_TTL` (milliseconds: a per-message expiration, as an SLA gives an assignment) and
+//! `BENCH_RELAY_QV` (the target queue's `x-queue-version`, 1 or 2).
 //!
 //! Besides the rates, each run reports the CPU time per message of this process (the relay
 //! client, or the router with its store) and of the broker (`beam.smp`, read from `/proc`):
@@ -72,7 +75,7 @@ fn message(i: usize) -> NormalizedMessage {
         thread_key: None,
         sender: Sender {
             kind: "webchat".into(),
-            address: format!("visitor-{}", i % 1000),
+            address: format!("visitor-{}", i % env_usize("BENCH_SENDERS", 1000)),
             name: None,
         },
         subject: None,
