@@ -672,11 +672,7 @@ mod tests {
             history: earlier
                 .iter()
                 .map(|(channel, text, at)| {
-                    Arc::new(crate::store::HistoryEntry::new(
-                        (*channel).into(),
-                        (*text).into(),
-                        (*at).into(),
-                    ))
+                    Arc::new(crate::store::HistoryEntry::new(channel, text, at))
                 })
                 .collect(),
             conversation_opened_at: 0,
@@ -695,7 +691,5 @@ mod tests {
             .map(|(channel, text, at)| serde_json::json!({"channel": channel, "text": text, "at": at}))
             .collect();
         assert_eq!(event["data"]["context"]["history"], Value::from(history));
-        assert_eq!(resolved.history[0], resolved.history[0].clone());
-        assert_eq!(resolved.history[0].text(), earlier[0].1);
     }
 }

@@ -446,7 +446,7 @@ impl<'m> Batch<'m> {
         if let Some(customer) = self.customers.get_mut(customer_id) {
             customer.history.push_back((
                 at_ms,
-                Arc::new(HistoryEntry::new(channel, text, rfc3339(at_ms))),
+                Arc::new(HistoryEntry::new(&channel, &text, &rfc3339(at_ms))),
             ));
         }
     }
@@ -586,9 +586,9 @@ impl<'m> Batch<'m> {
                 customer.history.push_back((
                     now_ms,
                     Arc::new(HistoryEntry::new(
-                        message.channel.kind.clone(),
-                        message.text.clone(),
-                        rfc3339(now_ms),
+                        &message.channel.kind,
+                        &message.text,
+                        &rfc3339(now_ms),
                     )),
                 ));
             }

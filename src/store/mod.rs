@@ -69,56 +69,36 @@ pub struct Resolved {
 
 /// One earlier message in an assignment's `context.history`: `{"channel", "text", "at"}`.
 ///
-/// Serialized once, when made: an entry goes into each of the customer's next N assignments,
-/// and serializes as that JSON.
+/// Kept as that JSON, made once: an entry goes into each of the customer's next N assignments.
 #[derive(Debug, Clone)]
 pub struct HistoryEntry {
-    channel: String,
-    text: String,
-    at: String,
     json: Box<serde_json::value::RawValue>,
 }
 
 impl HistoryEntry {
     /// `channel`: the channel kind (`webchat`, `email`, …); `at`: RFC 3339.
-    pub fn new(channel: String, text: String, at: String) -> Self {
+    pub fn new(channel: &str, text: &str, at: &str) -> Self {
         #[derive(serde::Serialize)]
         struct Fields<'a> {
             channel: &'a str,
             text: &'a str,
             at: &'a str,
         }
-        let fields = Fields {
-            channel: &channel,
-            text: &text,
-            at: &at,
-        };
         // Three strings always serialize.
-        let json = serde_json::value::to_raw_value(&fields).expect("history entry serializes");
-        Self {
-            channel,
-            text,
-            at,
-            json,
-        }
+        let json = serde_json::value::to_raw_value(&Fields { channel, text, at })
+            .expect("history entry serializes");
+        Self { json }
     }
 
-    pub fn channel(&self) -> &str {
-        &self.channel
-    }
-
-    pub fn text(&self) -> &str {
-        &self.text
-    }
-
-    pub fn at(&self) -> &str {
-        &self.at
+    /// The entry's JSON.
+    pub fn json(&self) -> &str {
+        self.json.get()
     }
 }
 
 impl PartialEq for HistoryEntry {
     fn eq(&self, other: &Self) -> bool {
-        (&self.channel, &self.text, &self.at) == (&other.channel, &other.text, &other.at)
+        self.json() == other.json()
     }
 }
 
