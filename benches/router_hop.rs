@@ -272,16 +272,26 @@ async fn wait_depth(connection: &Connection, queues: &[String], total: u32) {
 
 async fn delete_prefix(connection: &Connection, prefix: &str, queues: &[String]) {
     let channel = connection.create_channel().await.unwrap();
+    let partitions = (0..env_usize("BENCH_PARTITIONS", 0)).map(|n| format!("{prefix}.router.{n}"));
     for q in queues
         .iter()
         .cloned()
         .chain([format!("{prefix}.router"), format!("{prefix}.dead")])
+        .chain(partitions)
     {
         let _ = channel
             .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
             .await;
     }
-    for e in ["inbound", "assign", "outbound", "events", "dlx"] {
+    for e in [
+        "inbound",
+        "assign",
+        "outbound",
+        "events",
+        "dlx",
+        "expired",
+        "partition",
+    ] {
         let _ = channel
             .exchange_delete(format!("{prefix}.{e}").as_str().into(), Default::default())
             .await;
