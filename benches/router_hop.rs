@@ -45,6 +45,7 @@ use switchboard::config::BusConfig;
 use switchboard::router::rules::RuleSet;
 use switchboard::router::service::Router;
 use switchboard::store::{SqliteStore, Store};
+use switchboard_channel::envelope::{CLOUDEVENTS_CONTENT_TYPE, event_type};
 use switchboard_channel::{ChannelRef, CloudEvent, NormalizedMessage, Sender};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -97,19 +98,9 @@ async fn connect() -> Connection {
         .expect("RabbitMQ on 127.0.0.1:5672")
 }
 
-/// Publishes `bodies` with confirms, pipelined.
+/// Publishes `bodies` with confirms, pipelined, each with the partition-key header of its
+/// sender, as the adapters publish them (body `i` is [`message`]`(i)`).
 async fn fill(connection: &Connection, exchange: &str, key: &str, bodies: &[Vec<u8>]) {
-    fill_keyed(connection, exchange, key, bodies, None).await;
-}
-
-/// [`fill`], each message with the partition-key header of the sender `senders` gives.
-async fn fill_keyed(
-    connection: &Connection,
-    exchange: &str,
-    key: &str,
-    bodies: &[Vec<u8>],
-    senders: Option<&dyn Fn(usize) -> String>,
-) {
     let channel = connection.create_channel().await.unwrap();
     channel
         .confirm_select(ConfirmSelectOptions::default())
@@ -117,15 +108,15 @@ async fn fill_keyed(
         .unwrap();
     for (c, chunk) in bodies.chunks(1000).enumerate() {
         for (i, body) in chunk.iter().enumerate() {
-            let mut properties = BasicProperties::default().with_delivery_mode(2);
-            if let Some(sender) = senders {
-                let mut headers = FieldTable::default();
-                headers.insert(
-                    switchboard::bus::PARTITION_KEY_HEADER.into(),
-                    lapin::types::AMQPValue::LongString(sender(c * 1000 + i).into()),
-                );
-                properties = properties.with_headers(headers);
-            }
+            let sender = switchboard::bus::partition_key(&message(c * 1000 + i).sender);
+            let mut headers = FieldTable::default();
+            headers.insert(
+                switchboard::bus::PARTITION_KEY_HEADER.into(),
+                lapin::types::AMQPValue::LongString(sender.into()),
+            );
+            let properties = BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_headers(headers);
             channel
                 .basic_publish(
                     exchange.into(),
@@ -451,13 +442,11 @@ async fn router_hop(n: usize) -> Side {
     let bodies: Vec<Vec<u8>> = (0..n)
         .map(|i| serde_json::to_vec(&CloudEvent::message_received(message(i))).unwrap())
         .collect();
-    let sender = |i: usize| switchboard::bus::partition_key(&message(i).sender);
-    fill_keyed(
+    fill(
         &connection,
         &format!("{prefix}.inbound"),
         "webchat.chat",
         &bodies,
-        Some(&sender),
     )
     .await;
 
@@ -717,13 +706,13 @@ fn relay_properties(props: Option<&str>, ttl: Option<&str>) -> BasicProperties {
     let has =
         |what: &str| props.is_some_and(|p| p == "all" || p.split(',').any(|token| token == what));
     if has("content_type") {
-        properties = properties.with_content_type("application/cloudevents+json".into());
+        properties = properties.with_content_type(CLOUDEVENTS_CONTENT_TYPE.into());
     }
     if has("message_id") {
         properties = properties.with_message_id(uuid::Uuid::new_v4().to_string().into());
     }
     if has("type") {
-        properties = properties.with_type("switchboard.conversation.assigned".into());
+        properties = properties.with_type(event_type::CONVERSATION_ASSIGNED.into());
     }
     if has("timestamp") {
         properties = properties.with_timestamp(1_795_000_000);
@@ -731,7 +720,7 @@ fn relay_properties(props: Option<&str>, ttl: Option<&str>) -> BasicProperties {
     if has("headers") {
         let mut headers = FieldTable::default();
         headers.insert(
-            "x-switchboard-key".into(),
+            switchboard::bus::PARTITION_KEY_HEADER.into(),
             lapin::types::AMQPValue::LongString("webchat:visitor-1".into()),
         );
         properties = properties.with_headers(headers);

@@ -442,11 +442,11 @@ impl<'m> Batch<'m> {
     }
 
     /// One of a known customer's latest messages; oldest first.
-    pub fn history(&mut self, customer_id: &str, channel: String, text: String, at_ms: i64) {
+    pub fn history(&mut self, customer_id: &str, channel: &str, text: &str, at_ms: i64) {
         if let Some(customer) = self.customers.get_mut(customer_id) {
             customer.history.push_back((
                 at_ms,
-                Arc::new(HistoryEntry::new(&channel, &text, &rfc3339(at_ms))),
+                Arc::new(HistoryEntry::new(channel, text, &rfc3339(at_ms))),
             ));
         }
     }

@@ -732,8 +732,8 @@ async fn route_in(
     for row in reads.history {
         batch.history(
             &row.customer_id,
-            row.channel.unwrap_or_default(),
-            row.text.unwrap_or_default(),
+            row.channel.as_deref().unwrap_or_default(),
+            row.text.as_deref().unwrap_or_default(),
             row.received_at,
         );
     }

@@ -863,11 +863,12 @@ async fn route_in(
     }
     for row in reads.history {
         if loaded.contains(&row.customer_id) {
-            let (channel, text) = (
-                row.channel.unwrap_or_default(),
-                row.text.unwrap_or_default(),
+            batch.history(
+                &row.customer_id,
+                row.channel.as_deref().unwrap_or_default(),
+                row.text.as_deref().unwrap_or_default(),
+                row.received_at,
             );
-            batch.history(&row.customer_id, channel, text, row.received_at);
         }
     }
     // Replies in a thread: the conversation of the thread's latest message.
