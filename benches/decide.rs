@@ -1,7 +1,8 @@
 //! The pure decision core: decisions per second on one core with 200 rules and 20 queues
 //! (signals included), and the time to load and validate 1,000 rules.
 //!
-//! `cargo bench --bench decide` (`BENCH_RUNS`, default 3).
+//! `cargo bench --bench decide` (`BENCH_RUNS`, default 3; `BENCH_TEXT_BYTES`: each message's
+//! text repeated to at least this many bytes, as in a long email; default 0, the short texts).
 
 use std::time::Instant;
 
@@ -56,6 +57,14 @@ fn rule_set(rules: usize) -> Vec<(String, String)> {
     ]
 }
 
+/// `BENCH_TEXT_BYTES`: 0 (the short texts as they are) unless set.
+fn text_bytes() -> usize {
+    std::env::var("BENCH_TEXT_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 fn message(i: usize) -> NormalizedMessage {
     let texts = [
         "I was charged twice for my subscription, please refund me asap",
@@ -64,7 +73,12 @@ fn message(i: usize) -> NormalizedMessage {
         "Bonjour, je voudrais acheter la version entreprise pour mon équipe",
         "WHERE IS MY ORDER?? this is the worst service ever!!",
     ];
-    let text = texts[i % texts.len()];
+    let base = texts[i % texts.len()];
+    let mut text = base.to_owned();
+    while text.len() < text_bytes() {
+        text.push(' ');
+        text.push_str(base);
+    }
     NormalizedMessage {
         message_id: NormalizedMessage::stable_id("c", &i.to_string()),
         channel: ChannelRef {
@@ -79,7 +93,7 @@ fn message(i: usize) -> NormalizedMessage {
             name: None,
         },
         subject: None,
-        text: text.into(),
+        text,
         attachments: vec![],
         received_at: time::OffsetDateTime::UNIX_EPOCH,
         auto_submitted: false,
@@ -116,7 +130,9 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
     let rules = RuleSet::from_sources(&rule_set(200)).unwrap_or_else(|d| panic!("{d}"));
-    let messages: Vec<NormalizedMessage> = (0..1000).map(message).collect();
+    // Long texts: fewer distinct messages and iterations, so a run stays in seconds.
+    let n = (20_000 * 1024 / text_bytes().max(1024)).max(200);
+    let messages: Vec<NormalizedMessage> = (0..n.min(1000)).map(message).collect();
     let customer = CustomerView {
         contacts_last_24h: 2,
         ..CustomerView::default()
@@ -124,7 +140,6 @@ fn main() {
     let conversation = ConversationView::default();
     let mut rates = Vec::new();
     for run in 1..=runs {
-        let n = 20_000;
         let started = Instant::now();
         for i in 0..n {
             let message = &messages[i % messages.len()];
@@ -144,7 +159,6 @@ fn main() {
     println!("median: {:.0} decisions/s", median(rates));
 
     // Where the time goes: the signals alone, and the rules + queue choice alone.
-    let n = 20_000;
     let started = Instant::now();
     for i in 0..n {
         let message = &messages[i % messages.len()];

@@ -10,7 +10,8 @@
 //! (diagnostic: the hop with a store that records nothing and resolves every message to a new
 //! customer, i.e. the ceiling the bus and the decision leave; not the product's figure),
 //! `BENCH_KEEP` (keep the hop's SQLite file and print its path, to look at what was written),
-//! `BENCH_THREADS` (also print the hop's CPU per message by thread of this process),
+//! `BENCH_THREADS` (also print the hop's CPU and context switches per message by thread of this
+//! process),
 //! `BENCH_PARTITIONS` (the hop's router input as `[bus] partitions` queues; needs RabbitMQ's
 //! consistent-hash plugin);
 //! diagnostics of the relay side (not the product's figure, which uses none of them):
@@ -145,8 +146,8 @@ fn cpu_ticks_at(path: &std::path::Path) -> Option<u64> {
     Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
 }
 
-/// This process's threads: id → (name, CPU ticks).
-fn threads() -> HashMap<u32, (String, u64)> {
+/// This process's threads: id → (name, CPU ticks, context switches).
+fn threads() -> HashMap<u32, (String, u64, u64)> {
     let mut threads = HashMap::new();
     for task in std::fs::read_dir("/proc/self/task")
         .into_iter()
@@ -157,8 +158,14 @@ fn threads() -> HashMap<u32, (String, u64)> {
             continue;
         };
         let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        let switches = std::fs::read_to_string(task.path().join("status"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| line.contains("ctxt_switches:"))
+            .filter_map(|line| line.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum();
         if let Some(ticks) = cpu_ticks_at(&task.path().join("stat")) {
-            threads.insert(tid, (name.trim().to_owned(), ticks));
+            threads.insert(tid, (name.trim().to_owned(), ticks, switches));
         }
     }
     threads
@@ -187,7 +194,7 @@ struct Side {
 /// Measures CPU from now until [`Meter::finish`].
 struct Meter {
     started: Instant,
-    threads: HashMap<u32, (String, u64)>,
+    threads: HashMap<u32, (String, u64, u64)>,
     ours: Option<u64>,
     broker: Option<(u32, u64)>,
 }
@@ -206,14 +213,19 @@ impl Meter {
     fn finish(self, n: usize) -> Side {
         let elapsed = self.started.elapsed();
         if std::env::var("BENCH_THREADS").is_ok() {
-            let mut by_name: std::collections::BTreeMap<String, f64> = Default::default();
-            for (tid, (name, ticks)) in threads() {
-                let before = self.threads.get(&tid).map_or(0, |(_, t)| *t);
-                *by_name.entry(name).or_default() +=
-                    ticks.checked_sub(before).unwrap_or(ticks) as f64 * 10_000.0 / n as f64;
+            // Per thread name: (CPU µs, context switches) per message.
+            let mut by_name: std::collections::BTreeMap<String, (f64, f64)> = Default::default();
+            for (tid, (name, ticks, switches)) in threads() {
+                let (ticks_before, switches_before) =
+                    self.threads.get(&tid).map_or((0, 0), |(_, t, s)| (*t, *s));
+                let entry = by_name.entry(name).or_default();
+                entry.0 +=
+                    ticks.checked_sub(ticks_before).unwrap_or(ticks) as f64 * 10_000.0 / n as f64;
+                entry.1 +=
+                    switches.checked_sub(switches_before).unwrap_or(switches) as f64 / n as f64;
             }
-            by_name.retain(|_, us| *us > 0.0);
-            eprintln!("CPU per message by thread (µs): {by_name:.1?}");
+            by_name.retain(|_, (us, switches)| *us > 0.0 || *switches > 0.0);
+            eprintln!("per message by thread (CPU µs, context switches): {by_name:.2?}");
         }
         let per_message = |before: Option<u64>, after: Option<u64>| match (before, after) {
             (Some(before), Some(after)) => {
