@@ -74,8 +74,9 @@ fn message(i: usize) -> NormalizedMessage {
         "WHERE IS MY ORDER?? this is the worst service ever!!",
     ];
     let base = texts[i % texts.len()];
+    let bytes = text_bytes();
     let mut text = base.to_owned();
-    while text.len() < text_bytes() {
+    while text.len() < bytes {
         text.push(' ');
         text.push_str(base);
     }
