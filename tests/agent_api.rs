@@ -744,18 +744,26 @@ async fn one_customer_across_identities_with_the_history_in_context() {
             "webchat:visitor-dana"
         ]
     );
-    let response = daemon
-        .http
-        .get(daemon.url("/api/v1/customers?identity=phone:%2B15551234567"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    assert_eq!(
-        response.json::<serde_json::Value>().await.unwrap()["id"],
-        customer
-    );
+    // The `+` of an E.164 number, encoded or typed as it reads (not taken for a space).
+    for query in [
+        "phone:%2B15551234567",
+        "phone:+15551234567",
+        "phone:+1%20555%20123%204567",
+    ] {
+        let response = daemon
+            .http
+            .get(daemon.url(&format!("/api/v1/customers?identity={query}")))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{query}");
+        assert_eq!(
+            response.json::<serde_json::Value>().await.unwrap()["id"],
+            customer,
+            "{query}"
+        );
+    }
 }
 
 #[tokio::test]

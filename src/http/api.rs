@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Path, Query, RawQuery, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -260,9 +260,13 @@ pub struct FindCustomerQuery {
 }
 
 /// `GET /api/v1/customers?identity=<kind>:<address>`, e.g. `identity=email:dana@example.com`.
+///
+/// A `+` in the query is a plus sign, not a space: identities are full of them (E.164 numbers,
+/// plus-addressed emails), and `?identity=phone:+15551234567` typed into curl as it reads must
+/// find the customer. A space is written `%20`.
 pub async fn find_customer(
     State(state): State<Arc<AppState>>,
-    query: Result<Query<FindCustomerQuery>, axum::extract::rejection::QueryRejection>,
+    RawQuery(raw): RawQuery,
 ) -> Response {
     let bad = || {
         error(
@@ -271,7 +275,8 @@ pub async fn find_customer(
             "give `identity=<kind>:<address>`, e.g. identity=email:dana@example.com",
         )
     };
-    let Ok(Query(query)) = query else {
+    let literal_plus = raw.unwrap_or_default().replace('+', "%2B");
+    let Ok(query) = serde_urlencoded::from_str::<FindCustomerQuery>(&literal_plus) else {
         return bad();
     };
     let Some((kind, address)) = query.identity.split_once(':') else {
