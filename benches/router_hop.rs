@@ -8,7 +8,8 @@
 //! `BENCH_SENDERS` (1000: how many customers the messages come from), `BENCH_RULES` (a rules
 //! directory instead of the shipped `routing-rules/`), `BENCH_STORE=none`
 //! (diagnostic: the hop with a store that records nothing and resolves every message to a new
-//! customer, i.e. the ceiling the bus and the decision leave; not the product's figure),
+//! customer, i.e. the ceiling the bus and the decision leave; not the product's figure) or
+//! `BENCH_STORE=postgres://…` (the hop on a PostgreSQL store instead of SQLite),
 //! `BENCH_KEEP` (keep the hop's SQLite file and print its path, to look at what was written),
 //! `BENCH_THREADS` (also print the hop's CPU and context switches per message by thread of this
 //! process),
@@ -45,7 +46,7 @@ use switchboard::bus::amqp::AmqpBus;
 use switchboard::config::BusConfig;
 use switchboard::router::rules::RuleSet;
 use switchboard::router::service::Router;
-use switchboard::store::{SqliteStore, Store};
+use switchboard::store::{PgStore, SqliteStore, Store};
 use switchboard_channel::envelope::{CLOUDEVENTS_CONTENT_TYPE, event_type};
 use switchboard_channel::{ChannelRef, CloudEvent, NormalizedMessage, Sender};
 use tokio_util::sync::CancellationToken;
@@ -425,8 +426,22 @@ async fn router_hop(n: usize) -> Side {
         .map(|q| format!("{prefix}.queue.{q}"))
         .collect();
     let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> = if std::env::var("BENCH_STORE").as_deref() == Ok("none") {
+    let store_url = std::env::var("BENCH_STORE").unwrap_or_default();
+    let store: Arc<dyn Store> = if store_url == "none" {
         Arc::new(NoStore)
+    } else if store_url.starts_with("postgres") {
+        let store = PgStore::open(&store_url).await.unwrap();
+        // The messages are the same in every run: start from an empty store, as with SQLite.
+        let pool = sqlx::PgPool::connect(&store_url).await.unwrap();
+        sqlx::query(
+            "TRUNCATE customers, identities, conversations, messages, decisions,
+                      published_decisions, merges",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+        Arc::new(store)
     } else {
         Arc::new(
             SqliteStore::open(&format!("sqlite://{}", dir.path().join("b.db").display()))

@@ -5,6 +5,7 @@
 
 mod batch;
 mod cache;
+mod nodelay;
 mod postgres;
 mod reads;
 mod sqlite;

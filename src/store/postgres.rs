@@ -86,8 +86,19 @@ impl PgStore {
             })?
             .map_err(open_error)?;
         let _ = probe.close().await;
+        // Over TCP, each new connection gets `TCP_NODELAY`, which sqlx 0.9.0 leaves off.
+        let tcp_port = options.get_socket().is_none().then(|| options.get_port());
         let pool = PgPoolOptions::new()
             .max_connections(POOL_SIZE)
+            .after_connect(move |_, _| {
+                Box::pin(async move {
+                    if let Some(port) = tcp_port {
+                        let switched = super::nodelay::switch_off_nagle(port);
+                        tracing::debug!(switched, "TCP_NODELAY set on new PostgreSQL sockets");
+                    }
+                    Ok(())
+                })
+            })
             .acquire_timeout(CONNECT_TIMEOUT)
             // sqlx pings every connection it is given back (off the caller's path) and closes a
             // broken one; pinging again on each acquire cost the router a round trip per batch.
@@ -114,6 +125,16 @@ impl PgStore {
                 .unwrap_or(i64::MAX),
             history: super::DEFAULT_HISTORY,
         })
+    }
+
+    /// The client port of one of the pool's connections, as the server sees it (`None` over a
+    /// Unix socket).
+    #[cfg(test)]
+    pub(super) async fn client_port(&self) -> Result<Option<u16>, StoreError> {
+        let port: Option<i32> = sqlx::query_scalar("SELECT inet_client_port()")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(port.and_then(|port| u16::try_from(port).ok()))
     }
 
     /// Sets how long after closing a conversation the customer's next message reopens it.

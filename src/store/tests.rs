@@ -834,6 +834,18 @@ async fn postgres_replaces_a_connection_cut_while_idle() {
     assert_eq!(seen[0].conversation.message_count, 1, "{seen:?}");
 }
 
+/// sqlx 0.9.0 opens TCP connections with Nagle's algorithm on, and a router batch's INSERT then
+/// waited ~40 ms for the server's delayed ACK; the store turns it off on each connection.
+#[tokio::test]
+async fn postgres_connections_have_nagle_off() {
+    let test = TestStore::open(Backend::Postgres).await;
+    let store = PgStore::open(&test.url).await.unwrap();
+    let port = store.client_port().await.unwrap().unwrap_or_else(|| {
+        panic!("the test needs PostgreSQL over TCP, not a Unix socket: {}", test.url)
+    });
+    assert_eq!(super::nodelay::nodelay_of_local_port(port), Some(true));
+}
+
 /// One scenario on both backends: every outcome, everything each decision saw and every
 /// record read back are the same (ids aside, which are random).
 #[tokio::test]
