@@ -430,9 +430,15 @@ impl Store for SqliteStore {
 
     async fn merges(&self, customer_id: &str) -> Result<Vec<Value>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, status, into_customer, from_customer, identity_kind, identity_address,
+            // The customer (or, for a merged id, its survivor) and every customer merged into
+            // it: their whole history, and the suggestions that now name the survivor.
+            "WITH survivor AS (SELECT coalesce(merged_into, id) AS id FROM customers WHERE id = ?1),
+                  family AS (SELECT c.id FROM customers AS c, survivor AS s
+                             WHERE c.id = s.id OR c.merged_into = s.id)
+             SELECT id, status, into_customer, from_customer, identity_kind, identity_address,
                     reason, detail, created_at
-             FROM merges WHERE into_customer = ?1 OR from_customer = ?1
+             FROM merges
+             WHERE into_customer IN (SELECT id FROM family) OR from_customer IN (SELECT id FROM family)
              ORDER BY created_at, rowid",
         )
         .bind(customer_id)
@@ -536,8 +542,8 @@ async fn survivor_of(
 }
 
 /// Moves customer `row.from`'s identities, conversations (closing its open ones but the one
-/// kept) and messages to `row.into`, leaves a tombstone, drops the pair's open suggestions and
-/// audits the merge.
+/// kept) and messages to `row.into`, leaves a tombstone, drops the pair's open suggestions,
+/// makes the absorbed customer's other open suggestions name the survivor, and audits the merge.
 async fn apply_merge(
     connection: &mut SqliteConnection,
     row: &MergeRow,
@@ -562,6 +568,20 @@ async fn apply_merge(
         "DELETE FROM merges WHERE status = 'suggested'
            AND ((into_customer = ?1 AND from_customer = ?2)
              OR (into_customer = ?2 AND from_customer = ?1))",
+        // The absorbed customer's other open suggestions now name the survivor (one the
+        // survivor already has for the same customer and identity is not kept twice).
+        "DELETE FROM merges WHERE status = 'suggested' AND into_customer = ?2 AND EXISTS (
+           SELECT 1 FROM merges AS d WHERE d.status = 'suggested' AND d.into_customer = ?1
+             AND d.from_customer = merges.from_customer
+             AND d.identity_kind = merges.identity_kind
+             AND d.identity_address = merges.identity_address)",
+        "UPDATE merges SET into_customer = ?1 WHERE status = 'suggested' AND into_customer = ?2",
+        "DELETE FROM merges WHERE status = 'suggested' AND from_customer = ?2 AND EXISTS (
+           SELECT 1 FROM merges AS d WHERE d.status = 'suggested' AND d.from_customer = ?1
+             AND d.into_customer = merges.into_customer
+             AND d.identity_kind = merges.identity_kind
+             AND d.identity_address = merges.identity_address)",
+        "UPDATE merges SET from_customer = ?1 WHERE status = 'suggested' AND from_customer = ?2",
     ] {
         sqlx::query(statement)
             .bind(&row.into)

@@ -67,6 +67,7 @@ on_both_backends!(
     two_nodes_racing_agree_on_new_customers_and_duplicates,
     a_verified_identity_merges_two_customers,
     an_unverified_identity_only_suggests_a_merge,
+    a_suggestion_follows_its_customers_through_merges,
     an_explicit_merge_moves_everything_and_is_audited,
     linking_an_identity_refuses_another_customers,
     a_reply_in_a_thread_continues_its_conversation,
@@ -841,7 +842,10 @@ async fn postgres_connections_have_nagle_off() {
     let test = TestStore::open(Backend::Postgres).await;
     let store = PgStore::open(&test.url).await.unwrap();
     let port = store.client_port().await.unwrap().unwrap_or_else(|| {
-        panic!("the test needs PostgreSQL over TCP, not a Unix socket: {}", test.url)
+        panic!(
+            "the test needs PostgreSQL over TCP, not a Unix socket: {}",
+            test.url
+        )
     });
     assert_eq!(super::nodelay::nodelay_of_local_port(port), Some(true));
 }
@@ -1168,6 +1172,86 @@ async fn an_unverified_identity_only_suggests_a_merge(backend: Backend) {
     assert_eq!(suggestions[0]["into_customer"], b.as_str());
     assert_eq!(suggestions[0]["from_customer"], a.as_str());
     assert_eq!(store.merges(&a).await.unwrap(), suggestions);
+}
+
+/// A suggestion names customers that may be merged into others later: it then names their
+/// survivor, and ends when the two it names become one. A survivor's history shows the merges
+/// of the customers it absorbed, and an absorbed id answers with its survivor's history.
+async fn a_suggestion_follows_its_customers_through_merges(backend: Backend) {
+    let store = TestStore::open(backend).await;
+    let (_, seen) = route(
+        &store,
+        &[with_email("m-1", "visitor-a", "a@example.com", false)],
+        1_000,
+    )
+    .await;
+    let a = seen[0].customer.id.clone();
+    let (_, seen) = route(&store, &[message("m-2", "visitor-b", "webchat")], 2_000).await;
+    let b = seen[0].customer.id.clone();
+    let (_, seen) = route(&store, &[message("m-3", "visitor-c", "webchat")], 3_000).await;
+    let c = seen[0].customer.id.clone();
+    // b types a's email, unverified: "merge a into b?"
+    route(
+        &store,
+        &[with_email("m-4", "visitor-b", "a@example.com", false)],
+        4_000,
+    )
+    .await;
+
+    // a is merged into c: the suggestion now asks to merge c into b.
+    assert!(matches!(
+        store.merge(&c, &a, 5_000).await.unwrap(),
+        MergeOutcome::Merged { .. }
+    ));
+    let history = store.merges(&c).await.unwrap();
+    let pairs: Vec<(&str, &str, &str)> = history
+        .iter()
+        .map(|m| {
+            (
+                m["status"].as_str().unwrap(),
+                m["into_customer"].as_str().unwrap(),
+                m["from_customer"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        pairs,
+        [
+            ("suggested", b.as_str(), c.as_str()),
+            ("merged", c.as_str(), a.as_str())
+        ]
+    );
+    assert_eq!(history[0]["identity"]["address"], "a@example.com");
+    assert_eq!(
+        store.merges(&a).await.unwrap(),
+        history,
+        "a answers with c's"
+    );
+
+    // c is merged into b: the two the suggestion named are one, so it is gone.
+    assert!(matches!(
+        store.merge(&b, &c, 6_000).await.unwrap(),
+        MergeOutcome::Merged { .. }
+    ));
+    let history = store.merges(&b).await.unwrap();
+    let pairs: Vec<(&str, &str, &str)> = history
+        .iter()
+        .map(|m| {
+            (
+                m["status"].as_str().unwrap(),
+                m["into_customer"].as_str().unwrap(),
+                m["from_customer"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        pairs,
+        [
+            ("merged", c.as_str(), a.as_str()),
+            ("merged", b.as_str(), c.as_str())
+        ]
+    );
+    assert_eq!(store.merges(&a).await.unwrap(), history);
 }
 
 async fn an_explicit_merge_moves_everything_and_is_audited(backend: Backend) {
