@@ -332,18 +332,32 @@ pub fn sqlite_path(url: &str) -> Result<std::path::PathBuf, StoreError> {
     Ok(std::path::PathBuf::from(path))
 }
 
-/// Attributes the message carries (`metadata.attributes`) merged over the stored ones.
+/// Attributes the message carries (`metadata.attributes`) merged over the stored ones, as
+/// [`apply_attribute_patch`] merges them.
 pub(crate) fn merged_attributes(
     stored: Map<String, Value>,
     message: &NormalizedMessage,
 ) -> Map<String, Value> {
     let mut attributes = stored;
     if let Some(Value::Object(update)) = message.metadata.get("attributes") {
-        for (key, value) in update {
+        apply_attribute_patch(&mut attributes, update);
+    }
+    attributes
+}
+
+/// Sets each attribute of `patch`; a `null` removes it (`PATCH /api/v1/customers/{id}` and the
+/// attributes a message carries alike).
+pub(crate) fn apply_attribute_patch(
+    attributes: &mut Map<String, Value>,
+    patch: &Map<String, Value>,
+) {
+    for (key, value) in patch {
+        if value.is_null() {
+            attributes.remove(key);
+        } else {
             attributes.insert(key.clone(), value.clone());
         }
     }
-    attributes
 }
 
 #[cfg(test)]

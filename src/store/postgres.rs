@@ -250,13 +250,7 @@ impl Store for PgStore {
             tx.rollback().await?;
             return Ok(None);
         };
-        for (key, value) in patch {
-            if value.is_null() {
-                attributes.remove(key);
-            } else {
-                attributes.insert(key.clone(), value.clone());
-            }
-        }
+        super::apply_attribute_patch(&mut attributes, patch);
         sqlx::query("UPDATE customers SET attributes = $1::jsonb WHERE id = $2")
             .bind(serde_json::to_string(&attributes)?)
             .bind(id)

@@ -276,13 +276,7 @@ impl Store for SqliteStore {
             return Ok(None);
         };
         let mut attributes = current.attributes;
-        for (key, value) in patch {
-            if value.is_null() {
-                attributes.remove(key);
-            } else {
-                attributes.insert(key.clone(), value.clone());
-            }
-        }
+        super::apply_attribute_patch(&mut attributes, patch);
         // `current` is the survivor when `id` names a merged customer.
         sqlx::query("UPDATE customers SET attributes = ? WHERE id = ?")
             .bind(serde_json::to_string(&attributes)?)

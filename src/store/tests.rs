@@ -405,6 +405,18 @@ async fn attributes_merge_and_persist(backend: Backend) {
         "kept from before"
     );
     assert_eq!(seen[0].customer.attributes["plan"], "enterprise", "updated");
+
+    // A null removes one, as through the API.
+    let mut last = message("m-3", "visitor-1", "webchat");
+    last.metadata
+        .insert("attributes".into(), json!({"tier": null}));
+    let (_, seen) = route(&store, &[last], 3_000).await;
+    assert_eq!(
+        seen[0].customer.attributes,
+        *json!({"plan": "enterprise"}).as_object().unwrap()
+    );
+    let stored = store.customer(&seen[0].customer.id).await.unwrap().unwrap();
+    assert_eq!(stored.attributes, seen[0].customer.attributes);
 }
 
 async fn channels_used_accumulate_without_duplicates(backend: Backend) {
