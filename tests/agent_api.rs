@@ -506,6 +506,35 @@ async fn customers_are_read_and_their_attributes_set_over_the_api() {
             404,
             "unknown_customer",
         ),
+        // What no store can keep, or no address has, is refused before it reaches the store.
+        (
+            reqwest::Method::PATCH,
+            format!("/api/v1/customers/{id}"),
+            Some(json!({"attributes": {"note": {"deep": ["a\u{0}b"]}}})),
+            400,
+            "invalid_body",
+        ),
+        (
+            reqwest::Method::GET,
+            "/api/v1/customers?identity=webchat:%00".to_owned(),
+            None,
+            400,
+            "invalid_identity",
+        ),
+        (
+            reqwest::Method::POST,
+            format!("/api/v1/customers/{id}/identities"),
+            Some(json!({"kind": "webchat", "address": "visitor\n10"})),
+            400,
+            "invalid_identity",
+        ),
+        (
+            reqwest::Method::POST,
+            format!("/api/v1/customers/{id}/identities"),
+            Some(json!({"kind": "webchat", "address": "v".repeat(257)})),
+            400,
+            "invalid_identity",
+        ),
     ] {
         let mut request = api(method.clone(), &path);
         if let Some(body) = body {
@@ -523,6 +552,13 @@ async fn customers_are_read_and_their_attributes_set_over_the_api() {
         .await
         .unwrap();
     assert_eq!(response.status(), 401, "the customer API needs the token");
+    let response = api(reqwest::Method::GET, &format!("/api/v1/customers/{id}"))
+        .send()
+        .await
+        .unwrap();
+    let unchanged: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(unchanged["attributes"], patched["attributes"]);
+    assert_eq!(unchanged["identities"], customer["identities"]);
 }
 
 /// A conversation's messages and decisions over the API; a closed conversation reopens when the

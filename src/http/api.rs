@@ -17,7 +17,7 @@ use time::OffsetDateTime;
 
 use super::AppState;
 use crate::store::{LinkOutcome, MergeOutcome};
-use switchboard_channel::identity;
+use switchboard_channel::{envelope, identity};
 
 /// Longest long-poll a claim may ask for.
 const MAX_WAIT: Duration = Duration::from_secs(60);
@@ -475,6 +475,17 @@ pub async fn patch_customer(
             );
         }
     };
+    if patch
+        .attributes
+        .iter()
+        .any(|(key, value)| key.contains('\0') || envelope::value_has_nul(value))
+    {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            "`attributes` must not contain U+0000 (NUL), which the store cannot keep",
+        );
+    }
     customer_response(
         state.store.patch_attributes(&id, &patch.attributes).await,
         &id,

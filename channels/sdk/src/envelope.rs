@@ -116,7 +116,8 @@ impl NormalizedMessage {
     }
 }
 
-fn value_has_nul(value: &Value) -> bool {
+/// Whether a JSON value holds U+0000 (NUL) in a string or a key anywhere.
+pub fn value_has_nul(value: &Value) -> bool {
     match value {
         Value::String(text) => text.contains('\0'),
         Value::Array(items) => items.iter().any(value_has_nul),

@@ -29,9 +29,14 @@ pub const KINDS: &[&str] = &[
     "webchat",
 ];
 
+/// The longest address kept, in bytes (an email address has at most 254 characters; platform
+/// ids far fewer).
+pub const MAX_ADDRESS_BYTES: usize = 256;
+
 /// The normalized address of an identity of `kind`: [`email`] (no plus-folding) and [`phone`]
-/// rules for those kinds; other kinds' platform ids are only trimmed. An unknown kind or an
-/// empty address is an error.
+/// rules for those kinds; other kinds' platform ids are only trimmed. An unknown kind, an
+/// empty address, one with control characters (U+0000 included) or one longer than
+/// [`MAX_ADDRESS_BYTES`] is an error.
 pub fn normalize(kind: &str, raw: &str) -> Result<String, IdentityError> {
     match kind {
         "email" => email(raw, false),
@@ -39,15 +44,34 @@ pub fn normalize(kind: &str, raw: &str) -> Result<String, IdentityError> {
         _ if !KINDS.contains(&kind) => Err(IdentityError(
             "has an unknown kind: use email, phone, telegram, messenger, instagram, slack, x or webchat",
         )),
-        _ if raw.trim().is_empty() => Err(IdentityError("is empty")),
-        _ => Ok(raw.trim().to_owned()),
+        _ => {
+            let address = plain(raw)?;
+            if address.is_empty() {
+                return Err(IdentityError("is empty"));
+            }
+            Ok(address.to_owned())
+        }
     }
+}
+
+/// `raw` trimmed, if it has no control characters and fits [`MAX_ADDRESS_BYTES`].
+fn plain(raw: &str) -> Result<&str, IdentityError> {
+    let address = raw.trim();
+    if address.chars().any(char::is_control) {
+        return Err(IdentityError(
+            "must not contain control characters (U+0000 to U+001F, U+007F to U+009F)",
+        ));
+    }
+    if address.len() > MAX_ADDRESS_BYTES {
+        return Err(IdentityError("is longer than 256 bytes"));
+    }
+    Ok(address)
 }
 
 /// Lowercased and trimmed; with `fold_plus`, `dana+shop@example.com` becomes
 /// `dana@example.com` (off by default: not every mail system treats `+` as a tag).
 pub fn email(raw: &str, fold_plus: bool) -> Result<String, IdentityError> {
-    let email = raw.trim().to_lowercase();
+    let email = plain(raw)?.to_lowercase();
     let Some((local, domain)) = email.split_once('@') else {
         return Err(IdentityError("is not an email address"));
     };
@@ -65,7 +89,7 @@ pub fn email(raw: &str, fold_plus: bool) -> Result<String, IdentityError> {
 /// parentheses), an international `00` prefix, and `whatsapp:`, `tel:` or `sms:` schemes.
 /// A number without `+` or `00` is national and cannot be placed: refused.
 pub fn phone(raw: &str) -> Result<String, IdentityError> {
-    let mut text = raw.trim();
+    let mut text = plain(raw)?;
     for scheme in ["whatsapp:", "tel:", "sms:"] {
         if let Some(rest) = text.strip_prefix(scheme) {
             text = rest;
@@ -89,7 +113,7 @@ pub fn phone(raw: &str) -> Result<String, IdentityError> {
 
 /// A number given as bare digits with its country code (WhatsApp's `wa_id`).
 pub fn phone_from_digits(raw: &str) -> Result<String, IdentityError> {
-    e164(raw.trim())
+    e164(plain(raw)?)
 }
 
 fn e164(digits: &str) -> Result<String, IdentityError> {
@@ -123,6 +147,28 @@ mod tests {
         assert!(normalize("fax", "123").is_err());
         assert!(normalize("slack", "  ").is_err());
         assert!(normalize("email", "not-an-address").is_err());
+    }
+
+    #[test]
+    fn control_characters_and_overlong_addresses_are_refused() {
+        for (kind, raw) in [
+            ("webchat", "a\0b"),
+            ("webchat", "a\nb"),
+            ("slack", "U1\u{7f}"),
+            ("email", "da\0na@example.com"),
+            ("phone", "+1555\t1234567"),
+        ] {
+            let error = normalize(kind, raw).unwrap_err();
+            assert!(
+                error.0.contains("control characters"),
+                "{kind} {raw:?}: {error}"
+            );
+        }
+        let longest = "v".repeat(MAX_ADDRESS_BYTES);
+        assert_eq!(normalize("webchat", &longest).unwrap(), longest);
+        let error = normalize("webchat", &format!("{longest}v")).unwrap_err();
+        assert_eq!(error.0, format!("is longer than {MAX_ADDRESS_BYTES} bytes"));
+        assert_eq!(normalize("webchat", " visitor 9 ").unwrap(), "visitor 9");
     }
 
     #[test]

@@ -109,7 +109,9 @@ pub fn convert(
     // have verified.
     let mut identities = Vec::new();
     if let Some(id) = visitor_id.as_ref().filter(|id| !id.trim().is_empty()) {
-        identities.push(("webchat", id.trim().to_owned(), false));
+        let id = switchboard_channel::identity::normalize("webchat", id)
+            .map_err(|e| ConvertError::invalid("customer.id", e.0))?;
+        identities.push(("webchat", id, false));
     }
     if let Some(email) = email {
         identities.push(("email", email, options.verified_email));
@@ -315,6 +317,14 @@ mod tests {
         );
         assert_eq!(
             field_of(r#"{"customer": {"id": "v\u0000"}, "text": "hi"}"#),
+            "customer.id"
+        );
+        assert_eq!(
+            field_of(r#"{"customer": {"id": "v\nw"}, "text": "hi"}"#),
+            "customer.id"
+        );
+        assert_eq!(
+            field_of(r#"{"customer": {"id": "v", "name": "N\u0000"}, "text": "hi"}"#),
             "customer"
         );
         assert_eq!(
