@@ -522,6 +522,20 @@ async fn customers_are_read_and_their_attributes_set_over_the_api() {
             "invalid_identity",
         ),
         (
+            reqwest::Method::GET,
+            "/api/v1/customers?identity=webchat:visitor-9&limit=1".to_owned(),
+            None,
+            400,
+            "invalid_parameter",
+        ),
+        (
+            reqwest::Method::GET,
+            "/api/v1/customers?identity=webchat:visitor-9&identity=webchat:x".to_owned(),
+            None,
+            400,
+            "invalid_parameter",
+        ),
+        (
             reqwest::Method::POST,
             format!("/api/v1/customers/{id}/identities"),
             Some(json!({"kind": "webchat", "address": "visitor\n10"})),
@@ -552,6 +566,43 @@ async fn customers_are_read_and_their_attributes_set_over_the_api() {
         .await
         .unwrap();
     assert_eq!(response.status(), 401, "the customer API needs the token");
+    let response = daemon
+        .http
+        .get(daemon.url(&format!("/api/v1/customers/{id}")))
+        .header("authorization", format!("bearer {ADMIN_TOKEN}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "the scheme's name in any case");
+    // A body that is not JSON, or too large, says so with its own status.
+    let patch = || {
+        daemon
+            .http
+            .patch(daemon.url(&format!("/api/v1/customers/{id}")))
+            .bearer_auth(ADMIN_TOKEN)
+    };
+    for (request, status, code) in [
+        (
+            patch().body(r#"{"attributes": {}}"#),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            patch()
+                .header("content-type", "application/json")
+                .body(format!(
+                    r#"{{"attributes": {{"note": "{}"}}}}"#,
+                    "x".repeat(3 * 1024 * 1024)
+                )),
+            413,
+            "body_too_large",
+        ),
+    ] {
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status().as_u16(), status);
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], code, "{body}");
+    }
     let response = api(reqwest::Method::GET, &format!("/api/v1/customers/{id}"))
         .send()
         .await
@@ -897,9 +948,20 @@ async fn customers_merge_by_verified_identity_suggest_by_unverified_and_merge_ov
     let (status, via_a) = get(format!("/api/v1/customers/{a}")).await;
     assert_eq!((status, via_a["id"].as_str()), (200, Some(c.as_str())));
     let (_, merges) = get(format!("/api/v1/customers/{c}/merges")).await;
-    assert_eq!(merges["merges"][0]["status"], "merged");
-    assert_eq!(merges["merges"][0]["reason"], "verified identity");
-    assert_eq!(merges["merges"][0]["from_customer"], a.as_str());
+    let merges = merges["merges"].as_array().unwrap().clone();
+    assert_eq!(merges.len(), 2, "{merges:?}");
+    assert_eq!(merges[1]["status"], "merged");
+    assert_eq!(merges[1]["reason"], "verified identity");
+    assert_eq!(merges[1]["from_customer"], a.as_str());
+    // B's suggestion about A's email is about C now, A being C's.
+    assert_eq!(merges[0]["status"], "suggested");
+    assert_eq!(
+        (
+            merges[0]["into_customer"].as_str(),
+            merges[0]["from_customer"].as_str()
+        ),
+        (Some(b.as_str()), Some(c.as_str()))
+    );
 
     // Explicit: an agent merges B into C.
     let merge = |into: &str, body: serde_json::Value| {
@@ -947,14 +1009,26 @@ async fn customers_merge_by_verified_identity_suggest_by_unverified_and_merge_ov
             "unknown_customer",
         ),
         (json!({"from": c}), c.as_str(), 400, "same_customer"),
+        // The other way round: B is C's already.
+        (json!({"from": c}), b.as_str(), 409, "already_merged"),
         (json!({"form": b}), c.as_str(), 400, "invalid_body"),
+        (json!({"from": " "}), c.as_str(), 400, "invalid_body"),
         (json!({"from": c}), "nobody", 404, "unknown_customer"),
     ] {
         let response = merge(into, body.clone()).send().await.unwrap();
-        assert_eq!(response.status().as_u16(), status, "{body}");
+        assert_eq!(response.status().as_u16(), status, "{into} {body}");
         let error: serde_json::Value = response.json().await.unwrap();
-        assert_eq!(error["error"]["code"], code, "{body}: {error}");
+        assert_eq!(error["error"]["code"], code, "{into} {body}: {error}");
+        if into == b {
+            assert_eq!(
+                error["error"]["message"],
+                format!("customer `{b}` was merged into `{c}` already")
+            );
+        }
     }
+    // Ids are UUIDs, in whichever case they are written.
+    let (status, upper) = get(format!("/api/v1/customers/{}", c.to_uppercase())).await;
+    assert_eq!((status, upper["id"].as_str()), (200, Some(c.as_str())));
 
     // Linking an identity: normalized, refused when another customer has it.
     let link = |customer: &str, body: serde_json::Value| {

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
+use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Query, RawQuery, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::Next;
@@ -34,6 +35,38 @@ pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Resp
         .into_response()
 }
 
+/// A customer or conversation id as the store keeps it: ids are UUIDs, which may be written
+/// in upper case (or without hyphens); anything else is kept as given, to answer 404.
+fn canonical_id(id: String) -> String {
+    uuid::Uuid::parse_str(&id).map_or(id, |uuid| uuid.to_string())
+}
+
+/// The largest request body `/api/v1` reads (axum's default, stated).
+pub const API_BODY_LIMIT: usize = 2 * 1024 * 1024;
+
+/// The answer to a JSON body that could not be read: `413 body_too_large` past the body
+/// limit, `415 unsupported_media_type` without `Content-Type: application/json`, else
+/// `400 invalid_body` saying what was `expected`.
+fn body_rejection(rejection: &JsonRejection, expected: &str) -> Response {
+    match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("the body is larger than the API's limit of {API_BODY_LIMIT} bytes"),
+        ),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send the body as JSON, with Content-Type: application/json",
+        ),
+        _ => error(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            format!("expected {expected}: {}", rejection.body_text()),
+        ),
+    }
+}
+
 /// Requires `Authorization: Bearer <[http] admin_token>`.
 pub async fn require_token(
     State(state): State<Arc<AppState>>,
@@ -51,7 +84,10 @@ pub async fn require_token(
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        // The scheme's name is case-insensitive (RFC 9110 §11.1).
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim_start());
     match given {
         Some(given) if bool::from(given.as_bytes().ct_eq(expected.as_bytes())) => {
             next.run(request).await
@@ -250,13 +286,8 @@ pub async fn events(
 
 /// `GET /api/v1/customers/{id}`
 pub async fn get_customer(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
+    let id = canonical_id(id);
     customer_response(state.store.customer(&id).await, &id)
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FindCustomerQuery {
-    identity: String,
 }
 
 /// `GET /api/v1/customers?identity=<kind>:<address>`, e.g. `identity=email:dana@example.com`.
@@ -268,19 +299,29 @@ pub async fn find_customer(
     State(state): State<Arc<AppState>>,
     RawQuery(raw): RawQuery,
 ) -> Response {
-    let bad = || {
-        error(
+    let literal_plus = raw.unwrap_or_default().replace('+', "%2B");
+    let mut given = None;
+    for (name, value) in form_urlencoded::parse(literal_plus.as_bytes()) {
+        let problem = match (name.as_ref(), &given) {
+            ("identity", None) => {
+                given = Some(value.into_owned());
+                continue;
+            }
+            ("identity", Some(_)) => "`identity` is given twice".to_owned(),
+            (other, _) => format!("unknown parameter `{other}`"),
+        };
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_parameter",
+            format!("{problem}: the only parameter is `identity=<kind>:<address>`"),
+        );
+    }
+    let Some((kind, address)) = given.as_deref().and_then(|given| given.split_once(':')) else {
+        return error(
             StatusCode::BAD_REQUEST,
             "invalid_identity",
             "give `identity=<kind>:<address>`, e.g. identity=email:dana@example.com",
-        )
-    };
-    let literal_plus = raw.unwrap_or_default().replace('+', "%2B");
-    let Ok(query) = serde_urlencoded::from_str::<FindCustomerQuery>(&literal_plus) else {
-        return bad();
-    };
-    let Some((kind, address)) = query.identity.split_once(':') else {
-        return bad();
+        );
     };
     let address = match identity::normalize(kind, address) {
         Ok(address) => address,
@@ -288,7 +329,7 @@ pub async fn find_customer(
     };
     customer_response(
         state.store.customer_by_identity(kind, &address).await,
-        &query.identity,
+        given.as_deref().unwrap_or_default(),
     )
 }
 
@@ -325,19 +366,13 @@ pub struct NewIdentity {
 pub async fn link_identity(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
-    body: Result<Json<NewIdentity>, axum::extract::rejection::JsonRejection>,
+    body: Result<Json<NewIdentity>, JsonRejection>,
 ) -> Response {
+    let id = canonical_id(id);
     let new = match body {
         Ok(Json(new)) => new,
         Err(rejection) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "invalid_body",
-                format!(
-                    "expected {{\"kind\": \"email\", \"address\": \"…\"}}: {}",
-                    rejection.body_text()
-                ),
-            );
+            return body_rejection(&rejection, r#"{"kind": "email", "address": "…"}"#);
         }
     };
     let address = match identity::normalize(&new.kind, &new.address) {
@@ -384,22 +419,22 @@ pub struct MergeRequest {
 pub async fn merge_customers(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
-    body: Result<Json<MergeRequest>, axum::extract::rejection::JsonRejection>,
+    body: Result<Json<MergeRequest>, JsonRejection>,
 ) -> Response {
+    let id = canonical_id(id);
     let request = match body {
         Ok(Json(request)) => request,
-        Err(rejection) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "invalid_body",
-                format!(
-                    "expected {{\"from\": \"<customer id>\"}}: {}",
-                    rejection.body_text()
-                ),
-            );
-        }
+        Err(rejection) => return body_rejection(&rejection, r#"{"from": "<customer id>"}"#),
     };
-    match state.store.merge(&id, &request.from, now_ms()).await {
+    if request.from.trim().is_empty() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            "`from` must be the id of the customer to merge into this one",
+        );
+    }
+    let from = canonical_id(request.from);
+    match state.store.merge(&id, &from, now_ms()).await {
         Ok(MergeOutcome::Merged { customer, merge_id }) => {
             Json(json!({"customer": customer, "merge_id": merge_id})).into_response()
         }
@@ -413,13 +448,10 @@ pub async fn merge_customers(
             "same_customer",
             "a customer cannot be merged into itself",
         ),
-        Ok(MergeOutcome::AlreadyMerged { into }) => error(
+        Ok(MergeOutcome::AlreadyMerged { customer, into }) => error(
             StatusCode::CONFLICT,
             "already_merged",
-            format!(
-                "customer `{}` was merged into `{into}` already",
-                request.from
-            ),
+            format!("customer `{customer}` was merged into `{into}` already"),
         ),
         Err(e) => store_unavailable(&e),
     }
@@ -431,6 +463,7 @@ pub async fn customer_merges(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Response {
+    let id = canonical_id(id);
     match state.store.customer(&id).await {
         Ok(Some(_)) => {}
         Ok(None) => {
@@ -460,20 +493,12 @@ pub struct CustomerPatch {
 pub async fn patch_customer(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
-    body: Result<Json<CustomerPatch>, axum::extract::rejection::JsonRejection>,
+    body: Result<Json<CustomerPatch>, JsonRejection>,
 ) -> Response {
+    let id = canonical_id(id);
     let patch = match body {
         Ok(Json(patch)) => patch,
-        Err(rejection) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "invalid_body",
-                format!(
-                    "expected {{\"attributes\": {{…}}}}: {}",
-                    rejection.body_text()
-                ),
-            );
-        }
+        Err(rejection) => return body_rejection(&rejection, r#"{"attributes": {…}}"#),
     };
     if patch
         .attributes
@@ -497,6 +522,7 @@ pub async fn get_conversation(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Response {
+    let id = canonical_id(id);
     conversation_response(state.store.conversation(&id).await, &id)
 }
 
@@ -505,6 +531,7 @@ pub async fn close_conversation(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Response {
+    let id = canonical_id(id);
     conversation_response(state.store.close_conversation(&id, now_ms()).await, &id)
 }
 

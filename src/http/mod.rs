@@ -59,7 +59,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             api::require_token,
-        ));
+        ))
+        .layer(axum::extract::DefaultBodyLimit::max(api::API_BODY_LIMIT));
     Router::new()
         .nest("/api/v1", api)
         .route(

@@ -183,8 +183,9 @@ pub enum MergeOutcome {
     Unknown(String),
     /// Both ids name the same customer.
     Same,
-    /// `from` was merged before, into this customer.
-    AlreadyMerged { into: String },
+    /// `customer` (`from`, or the id merged into, when that was `from`'s survivor) was merged
+    /// before, into `into`.
+    AlreadyMerged { customer: String, into: String },
 }
 
 /// What [`Store::link_identity`] did.

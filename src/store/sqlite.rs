@@ -321,8 +321,9 @@ impl Store for SqliteStore {
 
     async fn merge(&self, into: &str, from: &str, now_ms: i64) -> Result<MergeOutcome, StoreError> {
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        let Some(into) = survivor_of(&mut tx, into).await? else {
-            return Ok(MergeOutcome::Unknown(into.to_owned()));
+        let given = into;
+        let Some(into) = survivor_of(&mut tx, given).await? else {
+            return Ok(MergeOutcome::Unknown(given.to_owned()));
         };
         let Some(absorbed) = sqlx::query("SELECT merged_into FROM customers WHERE id = ?")
             .bind(from)
@@ -332,9 +333,19 @@ impl Store for SqliteStore {
             return Ok(MergeOutcome::Unknown(from.to_owned()));
         };
         if let Some(merged_into) = absorbed.get::<Option<String>, _>("merged_into") {
-            return Ok(MergeOutcome::AlreadyMerged { into: merged_into });
+            return Ok(MergeOutcome::AlreadyMerged {
+                customer: from.to_owned(),
+                into: merged_into,
+            });
         }
         if into == from {
+            // `given` was merged into `from` before: asked the other way round.
+            if given != into {
+                return Ok(MergeOutcome::AlreadyMerged {
+                    customer: given.to_owned(),
+                    into,
+                });
+            }
             return Ok(MergeOutcome::Same);
         }
         let (Some(survivor), Some(absorbed)) = (

@@ -1296,7 +1296,18 @@ async fn an_explicit_merge_moves_everything_and_is_audited(backend: Backend) {
     assert_eq!(customer.identities.len(), 2);
     assert_eq!(
         store.merge(&a, &b, 4_000).await.unwrap(),
-        MergeOutcome::AlreadyMerged { into: a.clone() }
+        MergeOutcome::AlreadyMerged {
+            customer: b.clone(),
+            into: a.clone()
+        }
+    );
+    // The other way round: b is a's already.
+    assert_eq!(
+        store.merge(&b, &a, 4_000).await.unwrap(),
+        MergeOutcome::AlreadyMerged {
+            customer: b.clone(),
+            into: a.clone()
+        }
     );
     // a's conversation continues; b's is closed and a's now.
     let kept = store.conversation(&a_conversation).await.unwrap().unwrap();
