@@ -1216,18 +1216,8 @@ async fn a_suggestion_follows_its_customers_through_merges(backend: Backend) {
         MergeOutcome::Merged { .. }
     ));
     let history = store.merges(&c).await.unwrap();
-    let pairs: Vec<(&str, &str, &str)> = history
-        .iter()
-        .map(|m| {
-            (
-                m["status"].as_str().unwrap(),
-                m["into_customer"].as_str().unwrap(),
-                m["from_customer"].as_str().unwrap(),
-            )
-        })
-        .collect();
     assert_eq!(
-        pairs,
+        status_into_from(&history),
         [
             ("suggested", b.as_str(), c.as_str()),
             ("merged", c.as_str(), a.as_str())
@@ -1246,7 +1236,19 @@ async fn a_suggestion_follows_its_customers_through_merges(backend: Backend) {
         MergeOutcome::Merged { .. }
     ));
     let history = store.merges(&b).await.unwrap();
-    let pairs: Vec<(&str, &str, &str)> = history
+    assert_eq!(
+        status_into_from(&history),
+        [
+            ("merged", c.as_str(), a.as_str()),
+            ("merged", b.as_str(), c.as_str())
+        ]
+    );
+    assert_eq!(store.merges(&a).await.unwrap(), history);
+}
+
+/// Each audit entry's status, survivor and absorbed customer.
+fn status_into_from(history: &[Value]) -> Vec<(&str, &str, &str)> {
+    history
         .iter()
         .map(|m| {
             (
@@ -1255,15 +1257,7 @@ async fn a_suggestion_follows_its_customers_through_merges(backend: Backend) {
                 m["from_customer"].as_str().unwrap(),
             )
         })
-        .collect();
-    assert_eq!(
-        pairs,
-        [
-            ("merged", c.as_str(), a.as_str()),
-            ("merged", b.as_str(), c.as_str())
-        ]
-    );
-    assert_eq!(store.merges(&a).await.unwrap(), history);
+        .collect()
 }
 
 async fn an_explicit_merge_moves_everything_and_is_audited(backend: Backend) {
