@@ -225,7 +225,7 @@ fn analyzer() -> &'static SentimentIntensityAnalyzer<'static> {
 
 /// At most the first `bytes` bytes of `text`, cut between words (within a word only when one
 /// word is longer than that).
-fn head(text: &str, bytes: usize) -> &str {
+pub(crate) fn head(text: &str, bytes: usize) -> &str {
     if text.len() <= bytes {
         return text;
     }

@@ -76,18 +76,43 @@ pub struct HistoryEntry {
     json: Box<serde_json::value::RawValue>,
 }
 
+/// The longest text a history entry carries, in bytes. Every assignment carries up to
+/// `[routing] history` entries: ten whole bodies at the web chat's 256 KiB limit made one
+/// assignment of 2.6 MB. The whole message stays in the conversation
+/// (`GET /api/v1/conversations/{id}`).
+pub const HISTORY_TEXT_BYTES: usize = 2048;
+
 impl HistoryEntry {
-    /// `channel`: the channel kind (`webchat`, `email`, …); `at`: RFC 3339.
+    /// `channel`: the channel kind (`webchat`, `email`, …); `at`: RFC 3339. A text longer than
+    /// [`HISTORY_TEXT_BYTES`] is cut between words, ends with `…`, and the entry says
+    /// `"truncated": true`.
     pub fn new(channel: &str, text: &str, at: &str) -> Self {
         #[derive(serde::Serialize)]
         struct Fields<'a> {
             channel: &'a str,
             text: &'a str,
             at: &'a str,
+            #[serde(skip_serializing_if = "std::ops::Not::not")]
+            truncated: bool,
         }
-        // Three strings always serialize.
-        let json = serde_json::value::to_raw_value(&Fields { channel, text, at })
-            .expect("history entry serializes");
+        let cut;
+        let (text, truncated) = if text.len() > HISTORY_TEXT_BYTES {
+            cut = format!(
+                "{}…",
+                crate::router::signals::head(text, HISTORY_TEXT_BYTES - '…'.len_utf8())
+            );
+            (cut.as_str(), true)
+        } else {
+            (text, false)
+        };
+        // Strings and a bool always serialize.
+        let json = serde_json::value::to_raw_value(&Fields {
+            channel,
+            text,
+            at,
+            truncated,
+        })
+        .expect("history entry serializes");
         Self { json }
     }
 

@@ -862,6 +862,35 @@ async fn postgres_connections_have_nagle_off() {
     assert_eq!(super::nodelay::nodelay_of_local_port(port), Some(true));
 }
 
+/// A history entry carries at most [`HISTORY_TEXT_BYTES`] of its message's text, cut between
+/// words and marked; a shorter text is whole and unmarked.
+#[test]
+fn a_long_text_is_cut_in_its_history_entry() {
+    let short = super::HistoryEntry::new("email", "Where is my order?", "2026-11-23T10:00:00Z");
+    assert_eq!(
+        serde_json::from_str::<Value>(short.json()).unwrap(),
+        json!({"channel": "email", "text": "Where is my order?", "at": "2026-11-23T10:00:00Z"})
+    );
+    let long_text = "Grüße aus Köln, ".repeat(500);
+    let long = super::HistoryEntry::new("email", &long_text, "2026-11-23T10:00:00Z");
+    let entry: Value = serde_json::from_str(long.json()).unwrap();
+    assert_eq!(entry["truncated"], true);
+    let text = entry["text"].as_str().unwrap();
+    assert!(text.len() <= super::HISTORY_TEXT_BYTES, "{}", text.len());
+    assert!(
+        text.len() > super::HISTORY_TEXT_BYTES - 20,
+        "{}",
+        text.len()
+    );
+    let kept = text.strip_suffix('…').unwrap();
+    assert!(long_text.starts_with(kept));
+    assert!(
+        long_text[kept.len()..].starts_with(' '),
+        "cut between words: {:?}",
+        &kept[kept.len() - 12..]
+    );
+}
+
 /// One scenario on both backends: every outcome, everything each decision saw and every
 /// record read back are the same (ids aside, which are random).
 #[tokio::test]
