@@ -381,6 +381,9 @@ impl Store for NoStore {
     {
         Ok(None)
     }
+    async fn assign_agent(&self, _: &str, _: &str) -> Result<bool, switchboard::store::StoreError> {
+        Ok(false)
+    }
     async fn merge(
         &self,
         _: &str,

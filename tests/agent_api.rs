@@ -612,6 +612,63 @@ async fn customers_are_read_and_their_attributes_set_over_the_api() {
     assert_eq!(unchanged["identities"], customer["identities"]);
 }
 
+/// The agent who claims an assignment (`?agent=`) is the conversation's next assignment's
+/// `previous_agent`, and the conversation's `agent_id`.
+#[tokio::test]
+async fn a_claiming_agent_is_the_next_assignments_previous_agent() {
+    let prefix = prefix("agent");
+    let daemon = Daemon::start(DaemonConfig::on(Backend::Embedded, &prefix)).await;
+    daemon.wait_ready().await;
+    let claim = |agent: &str| {
+        daemon
+            .http
+            .post(daemon.url(&format!(
+                "/api/v1/queues/general/claim?wait=5&lease=30&agent={agent}"
+            )))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+    };
+
+    let (status, _) = daemon
+        .post("chat", &chat("m-1", "visitor-7", "Hello"))
+        .await;
+    assert_eq!(status, 200);
+    let response = claim("alice").await.unwrap();
+    assert_eq!(response.status(), 200);
+    let first: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(first["agent"], "alice");
+    let data = &first["assignment"]["data"];
+    assert_eq!(data["context"]["previous_agent"], serde_json::Value::Null);
+    let conversation = data["conversation_id"].as_str().unwrap().to_owned();
+
+    let (status, _) = daemon
+        .post("chat", &chat("m-2", "visitor-7", "Still there?"))
+        .await;
+    assert_eq!(status, 200);
+    let response = claim("bob").await.unwrap();
+    let second: serde_json::Value = response.json().await.unwrap();
+    let data = &second["assignment"]["data"];
+    assert_eq!(data["conversation_id"], conversation.as_str());
+    assert_eq!(data["context"]["previous_agent"], "alice");
+    let response = daemon
+        .api(
+            reqwest::Method::GET,
+            &format!("/api/v1/conversations/{conversation}"),
+        )
+        .send()
+        .await
+        .unwrap();
+    let record: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(record["agent_id"], "bob", "the latest claim's agent");
+
+    for bad in ["%20", "a%0Ab", &"a".repeat(129)] {
+        let response = claim(bad).await.unwrap();
+        assert_eq!(response.status(), 400, "{bad}");
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "invalid_parameter");
+    }
+}
+
 /// A conversation's messages and decisions over the API; a closed conversation reopens when the
 /// customer writes again within `[routing] reopen_window` (72 h by default); with a window of
 /// 0 s a new conversation starts.

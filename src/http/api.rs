@@ -15,6 +15,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 use time::OffsetDateTime;
+use tracing::warn;
 
 use super::AppState;
 use crate::store::{LinkOutcome, MergeOutcome};
@@ -114,7 +115,14 @@ pub struct ClaimQuery {
     /// Seconds the claim is leased for.
     #[serde(default)]
     lease: Option<f64>,
+    /// The claiming agent's id: recorded as the conversation's agent, so that its next
+    /// assignment names them as `context.previous_agent`.
+    #[serde(default)]
+    agent: Option<String>,
 }
+
+/// The longest agent id `claim` takes, in bytes.
+const MAX_AGENT_ID_BYTES: usize = 128;
 
 /// A seconds parameter within `0..=max`, or the message saying why not.
 fn seconds(
@@ -145,8 +153,27 @@ pub async fn claim(
         return error(
             StatusCode::BAD_REQUEST,
             "invalid_parameter",
-            "claim takes `wait` and `lease`, in seconds",
+            "claim takes `wait` and `lease`, in seconds, and `agent`",
         );
+    };
+    let agent = match query.agent.as_deref().map(str::trim) {
+        None => None,
+        Some(agent)
+            if !agent.is_empty()
+                && agent.len() <= MAX_AGENT_ID_BYTES
+                && !agent.chars().any(char::is_control) =>
+        {
+            Some(agent.to_owned())
+        }
+        Some(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_parameter",
+                format!(
+                    "`agent` must be an id of 1 to {MAX_AGENT_ID_BYTES} bytes without control characters"
+                ),
+            );
+        }
     };
     if state.rules.load().queue(&queue).is_none() {
         return error(
@@ -175,6 +202,9 @@ pub async fn claim(
         Ok(Some(claimed)) => {
             let assignment: Value =
                 serde_json::from_str(&claimed.body).unwrap_or(Value::String(claimed.body));
+            if let Some(agent) = &agent {
+                record_agent(&state, &assignment, agent).await;
+            }
             let expires = OffsetDateTime::from_unix_timestamp_nanos(
                 i128::from(claimed.lease_expires_ms) * 1_000_000,
             )
@@ -189,6 +219,7 @@ pub async fn claim(
                 "priority": claimed.priority,
                 "redelivered": claimed.redelivered,
                 "lease_expires_at": expires,
+                "agent": agent,
                 "assignment": assignment,
             }))
             .into_response()
@@ -199,6 +230,30 @@ pub async fn claim(
             "bus_unavailable",
             e.to_string(),
         ),
+    }
+}
+
+/// Records `agent` as the agent of the claimed assignment's conversation. The claim stands
+/// either way: the assignment is the agent's for its lease, and a store that cannot record it
+/// now only costs the next assignment its `previous_agent`, which the log reports.
+async fn record_agent(state: &AppState, assignment: &Value, agent: &str) {
+    let Some(conversation) = assignment["data"]["conversation_id"].as_str() else {
+        warn!(
+            agent,
+            "a claimed assignment has no conversation_id: its agent is not recorded"
+        );
+        return;
+    };
+    match state.store.assign_agent(conversation, agent).await {
+        Ok(true) => {}
+        Ok(false) => warn!(
+            conversation,
+            agent,
+            "the claimed assignment's conversation is not in the store: its agent is not recorded"
+        ),
+        Err(error) => {
+            warn!(conversation, agent, %error, "the store could not record the agent of a claimed assignment")
+        }
     }
 }
 

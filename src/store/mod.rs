@@ -287,6 +287,11 @@ pub trait Store: Send + Sync + 'static {
         now_ms: i64,
     ) -> Result<Option<ConversationRecord>, StoreError>;
 
+    /// Records `agent_id` as the agent handling conversation `id` (an agent claimed one of its
+    /// assignments): the next assignment of the conversation names them as
+    /// `context.previous_agent`. `false` if there is no such conversation.
+    async fn assign_agent(&self, id: &str, agent_id: &str) -> Result<bool, StoreError>;
+
     /// Merges customer `from` into `into` (explicitly, from the API): `from`'s identities,
     /// conversations and messages move to `into`, its attributes fill the keys `into` lacks
     /// (on a conflict `into`'s value stays), its open conversation closes if `into` has one, and

@@ -285,6 +285,15 @@ impl Store for PgStore {
         Ok(record)
     }
 
+    async fn assign_agent(&self, id: &str, agent_id: &str) -> Result<bool, StoreError> {
+        let updated = sqlx::query("UPDATE conversations SET agent_id = $1 WHERE id = $2")
+            .bind(agent_id)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(updated.rows_affected() > 0)
+    }
+
     async fn merge(&self, into: &str, from: &str, now_ms: i64) -> Result<MergeOutcome, StoreError> {
         let mut tx = self.pool.begin().await?;
         let given = into;

@@ -319,6 +319,24 @@ impl Store for SqliteStore {
         Ok(record)
     }
 
+    async fn assign_agent(&self, id: &str, agent_id: &str) -> Result<bool, StoreError> {
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let customer: Option<String> = sqlx::query_scalar(
+            "UPDATE conversations SET agent_id = ? WHERE id = ? RETURNING customer_id",
+        )
+        .bind(agent_id)
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(customer) = customer else {
+            return Ok(false);
+        };
+        self.cache.evict(&customer);
+        self.bump_generation(&mut tx).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
     async fn merge(&self, into: &str, from: &str, now_ms: i64) -> Result<MergeOutcome, StoreError> {
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let given = into;

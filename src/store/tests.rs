@@ -54,6 +54,7 @@ macro_rules! on_both_backends {
 on_both_backends!(
     same_sender_same_customer_and_conversation,
     later_messages_in_a_batch_see_earlier_ones,
+    the_agent_of_a_conversation_is_its_next_messages_previous_agent,
     a_recorded_message_returns_its_decision_and_is_not_decided_again,
     a_batch_marks_earlier_decisions_published,
     attributes_merge_and_persist,
@@ -281,6 +282,46 @@ async fn same_sender_same_customer_and_conversation(backend: Backend) {
     let (_, seen) = route(&store, &[message("m-3", "visitor-2", "webchat")], 3_000).await;
     assert_ne!(seen[0].customer.id, a.customer.id);
     assert_ne!(seen[0].conversation.id, a.conversation.id);
+}
+
+/// The agent who claimed a conversation's assignment is its next assignment's
+/// `previous_agent`, through a reopen; a new conversation starts without one.
+async fn the_agent_of_a_conversation_is_its_next_messages_previous_agent(backend: Backend) {
+    let store = TestStore::with(backend, Duration::from_secs(3_600), DEFAULT_HISTORY).await;
+    let (_, seen) = route(&store, &[message("m-1", "visitor-1", "webchat")], 1_000).await;
+    let conversation = seen[0].conversation.id.clone();
+    assert_eq!(seen[0].customer.previous_agent, None);
+    assert!(store.assign_agent(&conversation, "alice").await.unwrap());
+    assert!(
+        !store
+            .assign_agent("no-such-conversation", "alice")
+            .await
+            .unwrap()
+    );
+
+    let (_, seen) = route(&store, &[message("m-2", "visitor-1", "webchat")], 2_000).await;
+    assert_eq!(seen[0].conversation.id, conversation);
+    assert_eq!(seen[0].customer.previous_agent.as_deref(), Some("alice"));
+    let record = store.conversation(&conversation).await.unwrap().unwrap();
+    assert_eq!(record.agent_id.as_deref(), Some("alice"));
+
+    // Closed and reopened within the window: still alice's.
+    store
+        .close_conversation(&conversation, 3_000)
+        .await
+        .unwrap();
+    let (_, seen) = route(&store, &[message("m-3", "visitor-1", "webchat")], 4_000).await;
+    assert_eq!(seen[0].conversation.id, conversation);
+    assert_eq!(seen[0].customer.previous_agent.as_deref(), Some("alice"));
+
+    // Closed for longer than the window: a new conversation, no agent yet.
+    store
+        .close_conversation(&conversation, 5_000)
+        .await
+        .unwrap();
+    let (_, seen) = route(&store, &[message("m-4", "visitor-1", "webchat")], 3_700_000).await;
+    assert_ne!(seen[0].conversation.id, conversation);
+    assert_eq!(seen[0].customer.previous_agent, None);
 }
 
 async fn later_messages_in_a_batch_see_earlier_ones(backend: Backend) {
