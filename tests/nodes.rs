@@ -361,3 +361,69 @@ async fn a_message_postgres_cannot_store_is_dead_lettered_and_routing_goes_on() 
     cleanup_partitioned(&prefix).await;
     database.drop_now().await;
 }
+
+/// A partition queue past `[bus] partitions` (left by a run, or made by a node, with more of
+/// them) would take a share of the senders with no consumer: the node says so and takes
+/// nothing until it is gone.
+#[tokio::test]
+async fn a_partition_queue_past_the_configured_ones_stops_the_node_with_a_clear_error() {
+    let prefix = prefix("nodes-extra");
+    cleanup_partitioned(&prefix).await;
+    let extra = format!("{prefix}.router.{PARTITIONS}");
+    let connection = rabbit().await;
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .queue_declare(
+            extra.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("declare the extra partition");
+    let database = Database::create("extra").await;
+    let rules = tempfile::tempdir().expect("rules dir");
+    write_rules(
+        rules.path(),
+        &[(
+            "10-queues.toml",
+            "[[queue]]\nname = \"general\"\ndefault = true\n",
+        )],
+    );
+    let daemon = Daemon::start(node_config(&prefix, rules.path(), &database.url)).await;
+    let expected =
+        format!("the partition queue `{extra}` exists, but [bus] partitions = {PARTITIONS}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !daemon.log().contains(&expected) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(daemon.log().contains(&expected), "{}", daemon.log());
+    let ready = daemon.http.get(daemon.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+    let (status, _) = daemon.post("chat", &chat("x-1", "v-x", "hello")).await;
+    assert_eq!(status, 503, "nothing is taken in meanwhile");
+
+    // Once the extra queue is deleted, the node comes up and routes.
+    channel
+        .queue_delete(extra.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .expect("delete the extra partition");
+    daemon.wait_ready().await;
+    let (status, _) = daemon
+        .post("chat", &chat("x-2", "v-x", "hello again"))
+        .await;
+    assert_eq!(status, 200);
+    let routed = collect(
+        &connection,
+        &format!("{prefix}.queue.general"),
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(routed.len(), 1);
+    drop(daemon);
+    cleanup_partitioned(&prefix).await;
+    database.drop_now().await;
+}

@@ -24,7 +24,7 @@ use switchboard_channel::{CloudEvent, NormalizedMessage, PublishError};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::{
     Assignment, BusError, Delivery, Outcome, PARTITION_KEY_HEADER, PendingCommit, REASON_HEADER,
@@ -467,6 +467,12 @@ async fn declare_topology(
         )
         .await?;
     if config.partitions > 0 {
+        if let Some(extra) = extra_partition(connection, topology, config.partitions).await? {
+            return Err(BusError::Setup(extra_partition_problem(
+                &extra,
+                config.partitions,
+            )));
+        }
         declare_partitions(channel, topology, config.partitions).await?;
         return Ok(channel.clone());
     }
@@ -587,6 +593,47 @@ async fn declare_partitions(
             .await?;
     }
     Ok(())
+}
+
+/// `<p>.router.<partitions>`, if it exists: a partition queue past this node's, which an
+/// earlier run or another node with more partitions made. It stays bound to `<p>.partition`,
+/// so a share of the senders' messages goes to it, and no node of this size consumes it.
+async fn extra_partition(
+    connection: &Connection,
+    topology: &Topology,
+    partitions: u16,
+) -> Result<Option<String>, BusError> {
+    let name = topology.router_partition(partitions);
+    let probe = connection.create_channel().await?;
+    let declared = probe
+        .queue_declare(
+            name.as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    match declared {
+        Ok(_) => {
+            let _ = probe.close(200, "probed".into()).await;
+            Ok(Some(name))
+        }
+        // The broker closed the probe channel: no such queue.
+        Err(error) if error.to_string().contains("NOT_FOUND") => Ok(None),
+        Err(error) => Err(error.into()),
+    }
+}
+
+fn extra_partition_problem(extra: &str, partitions: u16) -> String {
+    format!(
+        "the partition queue `{extra}` exists, but [bus] partitions = {partitions}: an earlier run \
+         or another node uses more partitions, and the messages hashed to it would wait with no \
+         consumer. Give every node the same [bus] partitions; to lower it, stop the ingest, let \
+         the router queues drain, and delete the partition queues from `{extra}` on \
+         (rabbitmqctl delete_queue)"
+    )
 }
 
 /// A partitioned topology needs RabbitMQ's consistent-hash exchange plugin; say so.
@@ -1002,6 +1049,14 @@ impl AmqpRouterLink {
             nodes = nodes.max(declared.consumer_count());
         }
         let _ = probe.close(200, "counted".into()).await;
+        let partitions = self.shared.config.partitions;
+        if let Some(extra) = extra_partition(&connection, &self.shared.topology, partitions).await?
+        {
+            // Another node runs with more partitions: say so on every count. Its extra
+            // partitions take a share of the senders, which this node never reads.
+            error!("{}", extra_partition_problem(&extra, partitions));
+            metrics::counter!("switchboard_router_extra_partitions_seen_total").increment(1);
+        }
         let total = session.inputs.len();
         let share = total.div_ceil(nodes as usize);
         let active: Vec<usize> = (0..total)

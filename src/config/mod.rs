@@ -243,6 +243,13 @@ impl Config {
             ));
         }
         let sqlite = self.store.url.starts_with("sqlite:");
+        if self.bus.url.is_some() && self.bus.partitions > 0 && sqlite {
+            problems.push((
+                "store.url".to_owned(),
+                "must be postgres://… with [bus] partitions: the nodes that share the partitions                  must share one store, and a SQLite file is one node's (a node with its own file                  would take partitions and start its customers over)"
+                    .to_owned(),
+            ));
+        }
         if self.bus.url.is_none() && !sqlite {
             problems.push((
                 "store.url".to_owned(),

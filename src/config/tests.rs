@@ -349,3 +349,20 @@ fn embedded_bus_needs_sqlite() {
         "{errors:?}"
     );
 }
+
+#[test]
+fn partitions_need_a_shared_postgres_store() {
+    let errors = problems(
+        "[bus]\nurl = \"amqp://localhost\"\npartitions = 4\n\n[store]\nurl = \"sqlite://x.db\"\n",
+        &[],
+    );
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0]
+            .starts_with("sb.toml:6:1: `store.url` must be postgres://… with [bus] partitions"),
+        "{errors:?}"
+    );
+    let text =
+        "[bus]\nurl = \"amqp://localhost\"\npartitions = 4\n\n[store]\nurl = \"postgres://db/x\"\n";
+    assert!(load_str(text, &[]).is_ok());
+}
