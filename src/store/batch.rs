@@ -70,6 +70,23 @@ struct CustomerState {
 }
 
 impl CustomerState {
+    /// Adds an identity where the store lists it (by time stored, then kind and address), so
+    /// that this message's decision shows the customer's identities in the order every later
+    /// one will.
+    fn add_identity(&mut self, identity: Identity, created_at: i64) {
+        let key =
+            |at: i64, identity: &Identity| (at, identity.kind.clone(), identity.address.clone());
+        let new = key(created_at, &identity);
+        let at = self
+            .identities_created
+            .iter()
+            .zip(&self.identities)
+            .position(|(&at, existing)| key(at, existing) > new)
+            .unwrap_or(self.identities.len());
+        self.identities.insert(at, identity);
+        self.identities_created.insert(at, created_at);
+    }
+
     fn new(attributes: Map<String, Value>, is_new: bool) -> Self {
         Self {
             attributes,
@@ -512,11 +529,13 @@ impl<'m> Batch<'m> {
                             customer_id.clone(),
                         ));
                         if let Some(customer) = self.customers.get_mut(&customer_id) {
-                            customer.identities.push(Identity {
-                                kind: identity.0.clone(),
-                                address: identity.1.clone(),
-                            });
-                            customer.identities_created.push(now_ms);
+                            customer.add_identity(
+                                Identity {
+                                    kind: identity.0.clone(),
+                                    address: identity.1.clone(),
+                                },
+                                now_ms,
+                            );
                         }
                     }
                 }
@@ -751,8 +770,7 @@ impl<'m> Batch<'m> {
         if let Some(survivor) = self.customers.get_mut(into) {
             for (identity, created) in identities.iter().zip(created) {
                 if !survivor.identities.contains(identity) {
-                    survivor.identities.push(identity.clone());
-                    survivor.identities_created.push(created);
+                    survivor.add_identity(identity.clone(), created);
                 }
             }
             conflicts = fold_attributes(&mut survivor.attributes, &attributes);

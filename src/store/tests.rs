@@ -637,6 +637,23 @@ async fn listed_identities_link_to_the_senders_customer_but_never_move(backend: 
         .unwrap();
     assert_eq!(found.id, a);
     assert_eq!(found.identities.len(), 2);
+    // The first decision lists them as every later one will (the store's order).
+    let first: Vec<(&str, &str)> = seen[0]
+        .customer
+        .identities
+        .iter()
+        .map(|i| (i.kind.as_str(), i.address.as_str()))
+        .collect();
+    assert_eq!(
+        first,
+        [("email", "a@example.com"), ("webchat", "visitor-a")]
+    );
+    let stored: Vec<(&str, &str)> = found
+        .identities
+        .iter()
+        .map(|i| (i.kind.as_str(), i.address.as_str()))
+        .collect();
+    assert_eq!(stored, first);
 
     // Another known visitor who types a's email: stays themself; the email stays with a.
     let (_, seen) = route(&store, &[message("m-2", "visitor-b", "webchat")], 2_000).await;
