@@ -5,11 +5,15 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogConfig, LogFormat};
 
+/// PostgreSQL's notices (such as "relation `_sqlx_migrations` already exists" on every start)
+/// are not worth an info line; `RUST_LOG` can still ask for them.
+const QUIET: &str = "sqlx::postgres::notice=warn";
+
 /// Installs the global log subscriber. `RUST_LOG` overrides `[log] level`.
 pub fn init_logging(config: &LogConfig) {
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&config.level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+        .or_else(|_| EnvFilter::try_new(format!("{QUIET},{}", config.level)))
+        .unwrap_or_else(|_| EnvFilter::new(format!("{QUIET},info")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
