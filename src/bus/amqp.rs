@@ -172,10 +172,7 @@ impl AmqpBus {
             let declared = channel
                 .queue_declare(
                     self.shared.topology.agent_queue(queue).as_str().into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..QueueDeclareOptions::default()
-                    },
+                    passive(),
                     FieldTable::default(),
                 )
                 .await;
@@ -426,6 +423,15 @@ fn durable() -> ExchangeDeclareOptions {
     }
 }
 
+/// Declares nothing: asks whether a queue exists, and its counts (the broker closes the
+/// channel if it does not).
+fn passive() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    }
+}
+
 fn durable_queue() -> QueueDeclareOptions {
     QueueDeclareOptions {
         durable: true,
@@ -504,14 +510,7 @@ async fn declare_topology(
             warn!(queue = %topology.router(), %error, "The router queue exists with other arguments (was [bus] delivery_limit changed?); using it as it is. To apply the new arguments, drain and delete the queue, or set a RabbitMQ policy.");
             let channel = connection.create_channel().await?;
             channel
-                .queue_declare(
-                    topology.router().as_str().into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..QueueDeclareOptions::default()
-                    },
-                    none(),
-                )
+                .queue_declare(topology.router().as_str().into(), passive(), none())
                 .await?;
             channel
         }
@@ -606,14 +605,7 @@ async fn extra_partition(
     let name = topology.router_partition(partitions);
     let probe = connection.create_channel().await?;
     let declared = probe
-        .queue_declare(
-            name.as_str().into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
+        .queue_declare(name.as_str().into(), passive(), FieldTable::default())
         .await;
     match declared {
         Ok(_) => {
@@ -678,14 +670,7 @@ async fn declare_agent_queue(
             warn!(queue = %name, %error, "The agent queue exists with other arguments; using it as it is. SLA overflow needs its dead-letter exchange: drain and delete the queue to re-create it.");
             let channel = connection.create_channel().await?;
             channel
-                .queue_declare(
-                    name.as_str().into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..QueueDeclareOptions::default()
-                    },
-                    FieldTable::default(),
-                )
+                .queue_declare(name.as_str().into(), passive(), FieldTable::default())
                 .await?;
             channel
         }
@@ -1039,10 +1024,7 @@ impl AmqpRouterLink {
             let declared = probe
                 .queue_declare(
                     input.queue.as_str().into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..QueueDeclareOptions::default()
-                    },
+                    passive(),
                     FieldTable::default(),
                 )
                 .await?;
