@@ -91,6 +91,19 @@ async fn cleanup_partitioned(prefix: &str) {
         .await;
 }
 
+/// A rules directory with one queue, `general`, the default.
+fn general_only_rules() -> tempfile::TempDir {
+    let rules = tempfile::tempdir().expect("rules dir");
+    write_rules(
+        rules.path(),
+        &[(
+            "10-queues.toml",
+            "[[queue]]\nname = \"general\"\ndefault = true\n",
+        )],
+    );
+    rules
+}
+
 fn node_config(prefix: &str, rules: &std::path::Path, store: &str) -> DaemonConfig {
     let mut config = DaemonConfig::new(prefix);
     config.rules = rules.to_path_buf();
@@ -191,14 +204,7 @@ async fn two_nodes_share_the_work_and_a_killed_one_loses_and_reorders_nothing() 
     let prefix = prefix("nodes-two");
     cleanup_partitioned(&prefix).await;
     let database = Database::create("two_nodes").await;
-    let rules = tempfile::tempdir().expect("rules dir");
-    write_rules(
-        rules.path(),
-        &[(
-            "10-queues.toml",
-            "[[queue]]\nname = \"general\"\ndefault = true\n",
-        )],
-    );
+    let rules = general_only_rules();
 
     let store = database.url.clone();
     let mut a = Daemon::start(node_config(&prefix, rules.path(), &store)).await;
@@ -308,14 +314,7 @@ async fn a_message_postgres_cannot_store_is_dead_lettered_and_routing_goes_on() 
     let prefix = prefix("nodes-nul");
     cleanup_partitioned(&prefix).await;
     let database = Database::create("nul").await;
-    let rules = tempfile::tempdir().expect("rules dir");
-    write_rules(
-        rules.path(),
-        &[(
-            "10-queues.toml",
-            "[[queue]]\nname = \"general\"\ndefault = true\n",
-        )],
-    );
+    let rules = general_only_rules();
     let daemon = Daemon::start(node_config(&prefix, rules.path(), &database.url)).await;
     daemon.wait_ready().await;
     let connection = rabbit().await;
@@ -384,14 +383,7 @@ async fn a_partition_queue_past_the_configured_ones_stops_the_node_with_a_clear_
         .await
         .expect("declare the extra partition");
     let database = Database::create("extra").await;
-    let rules = tempfile::tempdir().expect("rules dir");
-    write_rules(
-        rules.path(),
-        &[(
-            "10-queues.toml",
-            "[[queue]]\nname = \"general\"\ndefault = true\n",
-        )],
-    );
+    let rules = general_only_rules();
     let daemon = Daemon::start(node_config(&prefix, rules.path(), &database.url)).await;
     let expected =
         format!("the partition queue `{extra}` exists, but [bus] partitions = {PARTITIONS}");
