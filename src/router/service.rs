@@ -426,7 +426,13 @@ async fn backoff(
 ) -> bool {
     *failures = failures.saturating_add(1);
     let delay = Duration::from_millis(100 * u64::from((*failures).min(50)));
-    warn!(%error, retry_in = ?delay, "Router lost its bus session; unacknowledged messages will be redelivered.");
+    // The first failure of a run of them, then every 50th (a broker that stays away, or that
+    // was never reached, would otherwise fill the log every 5 s).
+    if *failures == 1 || failures.is_multiple_of(50) {
+        warn!(%error, failures = *failures, retry_in = ?delay, "Router has no bus session; retrying. Messages it held unacknowledged are redelivered.");
+    } else {
+        debug!(%error, failures = *failures, retry_in = ?delay, "Router still has no bus session.");
+    }
     let _ = link.reset().await;
     tokio::select! {
         () = cancel.cancelled() => false,
