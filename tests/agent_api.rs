@@ -506,6 +506,13 @@ async fn customers_are_read_and_their_attributes_set_over_the_api() {
             404,
             "unknown_customer",
         ),
+        (
+            reqwest::Method::PATCH,
+            format!("/api/v1/customers/{id}"),
+            Some(json!({"attributes": {"note": "x".repeat(17 * 1024)}})),
+            400,
+            "attributes_too_large",
+        ),
         // What no store can keep, or no address has, is refused before it reaches the store.
         (
             reqwest::Method::PATCH,

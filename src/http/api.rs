@@ -566,10 +566,14 @@ pub async fn patch_customer(
             "`attributes` must not contain U+0000 (NUL), which the store cannot keep",
         );
     }
-    customer_response(
-        state.store.patch_attributes(&id, &patch.attributes).await,
-        &id,
-    )
+    match state.store.patch_attributes(&id, &patch.attributes).await {
+        Err(too_large @ crate::store::StoreError::AttributesTooLarge { .. }) => error(
+            StatusCode::BAD_REQUEST,
+            "attributes_too_large",
+            format!("{too_large}: remove some (a `null` removes one)"),
+        ),
+        patched => customer_response(patched, &id),
+    }
 }
 
 /// `GET /api/v1/conversations/{id}`: the conversation, its messages and routing decisions.

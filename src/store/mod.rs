@@ -43,6 +43,11 @@ pub enum StoreError {
     Unsupported(String),
     #[error("cannot open the store at {url}: {message}")]
     DataDir { url: String, message: String },
+    #[error(
+        "the customer's attributes would take {bytes} bytes as JSON, more than the {} allowed",
+        switchboard_channel::envelope::MAX_ATTRIBUTES_BYTES
+    )]
+    AttributesTooLarge { bytes: usize },
 }
 
 /// A decision already recorded for a message key.
@@ -364,16 +369,35 @@ pub fn sqlite_path(url: &str) -> Result<std::path::PathBuf, StoreError> {
 }
 
 /// Attributes the message carries (`metadata.attributes`) merged over the stored ones, as
-/// [`apply_attribute_patch`] merges them.
+/// [`apply_attribute_patch`] merges them. A merge that would take the attributes past
+/// [`MAX_ATTRIBUTES_BYTES`](switchboard_channel::envelope::MAX_ATTRIBUTES_BYTES) is left out
+/// (the message is routed with the stored ones, and the log says so).
 pub(crate) fn merged_attributes(
     stored: Map<String, Value>,
     message: &NormalizedMessage,
 ) -> Map<String, Value> {
-    let mut attributes = stored;
-    if let Some(Value::Object(update)) = message.metadata.get("attributes") {
-        apply_attribute_patch(&mut attributes, update);
+    let Some(Value::Object(update)) = message.metadata.get("attributes") else {
+        return stored;
+    };
+    let mut attributes = stored.clone();
+    apply_attribute_patch(&mut attributes, update);
+    match check_attributes_size(&attributes) {
+        Ok(()) => attributes,
+        Err(error) => {
+            tracing::warn!(message_id = %message.message_id, %error, "The message's attributes are not kept.");
+            stored
+        }
     }
-    attributes
+}
+
+/// Refuses attributes larger than
+/// [`MAX_ATTRIBUTES_BYTES`](switchboard_channel::envelope::MAX_ATTRIBUTES_BYTES) as JSON.
+pub(crate) fn check_attributes_size(attributes: &Map<String, Value>) -> Result<(), StoreError> {
+    let bytes = serde_json::to_string(attributes)?.len();
+    if bytes > switchboard_channel::envelope::MAX_ATTRIBUTES_BYTES {
+        return Err(StoreError::AttributesTooLarge { bytes });
+    }
+    Ok(())
 }
 
 /// Sets each attribute of `patch`; a `null` removes it (`PATCH /api/v1/customers/{id}` and the

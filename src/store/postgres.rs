@@ -251,6 +251,10 @@ impl Store for PgStore {
             return Ok(None);
         };
         super::apply_attribute_patch(&mut attributes, patch);
+        if let Err(error) = super::check_attributes_size(&attributes) {
+            tx.rollback().await?;
+            return Err(error);
+        }
         sqlx::query("UPDATE customers SET attributes = $1::jsonb WHERE id = $2")
             .bind(serde_json::to_string(&attributes)?)
             .bind(id)

@@ -277,6 +277,7 @@ impl Store for SqliteStore {
         };
         let mut attributes = current.attributes;
         super::apply_attribute_patch(&mut attributes, patch);
+        super::check_attributes_size(&attributes)?;
         // `current` is the survivor when `id` names a merged customer.
         sqlx::query("UPDATE customers SET attributes = ? WHERE id = ?")
             .bind(serde_json::to_string(&attributes)?)

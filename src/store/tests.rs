@@ -458,6 +458,24 @@ async fn attributes_merge_and_persist(backend: Backend) {
     );
     let stored = store.customer(&seen[0].customer.id).await.unwrap().unwrap();
     assert_eq!(stored.attributes, seen[0].customer.attributes);
+
+    // Past the size limit: a message's attributes are left out (it is still routed), a patch
+    // is refused, and nothing changes.
+    let huge = "x".repeat(switchboard_channel::envelope::MAX_ATTRIBUTES_BYTES);
+    let mut big = message("m-4", "visitor-1", "webchat");
+    big.metadata
+        .insert("attributes".into(), json!({"note": huge}));
+    let (outcomes, seen) = route(&store, &[big], 4_000).await;
+    assert_eq!(outcomes.len(), 1);
+    assert_eq!(seen[0].customer.attributes, stored.attributes);
+    let patch = json!({"note": huge}).as_object().unwrap().clone();
+    let refused = store.patch_attributes(&stored.id, &patch).await;
+    assert!(
+        matches!(refused, Err(StoreError::AttributesTooLarge { .. })),
+        "{refused:?}"
+    );
+    let after = store.customer(&stored.id).await.unwrap().unwrap();
+    assert_eq!(after.attributes, stored.attributes);
 }
 
 async fn channels_used_accumulate_without_duplicates(backend: Backend) {

@@ -116,6 +116,11 @@ impl NormalizedMessage {
     }
 }
 
+/// The most a customer's attributes may take, as JSON, in bytes: they travel in every
+/// assignment of the customer. Adapters refuse a message whose `attributes` are larger; the
+/// store refuses a change that would make them larger.
+pub const MAX_ATTRIBUTES_BYTES: usize = 16 * 1024;
+
 /// Whether a JSON value holds U+0000 (NUL) in a string or a key anywhere.
 pub fn value_has_nul(value: &Value) -> bool {
     match value {

@@ -1,6 +1,7 @@
 //! The web chat body → normalized message.
 
 use serde_json::{Map, Value};
+use switchboard_channel::envelope::MAX_ATTRIBUTES_BYTES;
 use switchboard_channel::{ChannelRef, NormalizedMessage, Sender};
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -134,6 +135,15 @@ pub fn convert(
     match object.get("attributes") {
         None | Some(Value::Null) => {}
         Some(Value::Object(attributes)) => {
+            let bytes = serde_json::to_string(attributes).map_or(usize::MAX, |json| json.len());
+            if bytes > MAX_ATTRIBUTES_BYTES {
+                return Err(ConvertError::invalid(
+                    "attributes",
+                    format!(
+                        "takes {bytes} bytes as JSON, more than the {MAX_ATTRIBUTES_BYTES} allowed"
+                    ),
+                ));
+            }
             metadata.insert("attributes".into(), Value::Object(attributes.clone()));
         }
         Some(_) => return Err(ConvertError::invalid("attributes", "must be an object")),
@@ -331,6 +341,21 @@ mod tests {
             field_of(r#"{"customer": {"id": "v"}, "text": "hi", "attributes": {"k": "\u0000"}}"#),
             "attributes"
         );
+    }
+
+    #[test]
+    fn refuses_attributes_over_the_limit() {
+        let note = "x".repeat(MAX_ATTRIBUTES_BYTES);
+        let body = format!(
+            r#"{{"customer": {{"id": "v"}}, "text": "hi", "attributes": {{"note": "{note}"}}}}"#
+        );
+        let error = convert(&channel(), body.as_bytes(), &Options::default()).unwrap_err();
+        assert_eq!(error.field(), "attributes");
+        let fits = "x".repeat(MAX_ATTRIBUTES_BYTES - 20);
+        let body = format!(
+            r#"{{"customer": {{"id": "v"}}, "text": "hi", "attributes": {{"note": "{fits}"}}}}"#
+        );
+        assert!(convert(&channel(), body.as_bytes(), &Options::default()).is_ok());
     }
 
     #[test]
