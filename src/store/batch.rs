@@ -74,14 +74,18 @@ impl CustomerState {
     /// that this message's decision shows the customer's identities in the order every later
     /// one will.
     fn add_identity(&mut self, identity: Identity, created_at: i64) {
-        let key =
-            |at: i64, identity: &Identity| (at, identity.kind.clone(), identity.address.clone());
-        let new = key(created_at, &identity);
+        let new = (
+            created_at,
+            identity.kind.as_str(),
+            identity.address.as_str(),
+        );
         let at = self
             .identities_created
             .iter()
             .zip(&self.identities)
-            .position(|(&at, existing)| key(at, existing) > new)
+            .position(|(&at, existing)| {
+                (at, existing.kind.as_str(), existing.address.as_str()) > new
+            })
             .unwrap_or(self.identities.len());
         self.identities.insert(at, identity);
         self.identities_created.insert(at, created_at);
@@ -320,8 +324,7 @@ impl<'m> Batch<'m> {
     /// One of a known customer's identities, in the order the customer shows them.
     pub fn customer_identity(&mut self, customer_id: &str, identity: Identity, created_at: i64) {
         if let Some(customer) = self.customers.get_mut(customer_id) {
-            customer.identities.push(identity);
-            customer.identities_created.push(created_at);
+            customer.add_identity(identity, created_at);
         }
     }
 
@@ -709,22 +712,11 @@ impl<'m> Batch<'m> {
             return None;
         }
         let conversation = self.conversations.get(customer_id)?;
-        // The store's order, which the batch's (loaded ones, then new ones as they came) is
-        // not when a batch adds several.
-        let mut identities: Vec<(i64, Identity)> = customer
-            .identities_created
-            .iter()
-            .copied()
-            .zip(customer.identities.iter().cloned())
-            .collect();
-        identities.sort_by(|(a_at, a), (b_at, b)| {
-            (a_at, &a.kind, &a.address).cmp(&(b_at, &b.kind, &b.address))
-        });
-        let (identities_created, identities) = identities.into_iter().unzip();
+        // `add_identity` keeps them in the store's order.
         Some(CustomerSnapshot {
             attributes: customer.attributes.clone(),
-            identities,
-            identities_created,
+            identities: customer.identities.clone(),
+            identities_created: customer.identities_created.clone(),
             open_conversations: customer.open_conversations.max(1),
             conversation: LoadedConversation {
                 id: conversation.id.clone(),
