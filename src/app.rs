@@ -58,8 +58,7 @@ pub async fn run(loaded: Loaded, rules_override: Option<PathBuf>) -> anyhow::Res
                 config.routing.reopen_window,
                 config.routing.history,
             )
-            .await
-            .with_context(|| format!("opening the store {}", redact_url(&config.store.url)))?;
+            .await?;
             let bus = AmqpBus::start(
                 &url,
                 &config.bus,
@@ -72,8 +71,7 @@ pub async fn run(loaded: Loaded, rules_override: Option<PathBuf>) -> anyhow::Res
         }
         None => {
             let sqlite = SqliteStore::open(&config.store.url)
-                .await
-                .with_context(|| format!("opening the store {}", config.store.url))?
+                .await?
                 .with_reopen_window(config.routing.reopen_window)
                 .with_history(config.routing.history)
                 .with_cache(config.store.cache_customers);

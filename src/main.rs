@@ -28,8 +28,9 @@ fn main() -> ExitCode {
             match runtime.block_on(switchboard::app::run(loaded, rules)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
-                    tracing::error!("{error:#}");
-                    eprintln!("switchboard: {error:#}");
+                    let report = switchboard::telemetry::report(&error);
+                    tracing::error!("{report}");
+                    eprintln!("switchboard: {report}");
                     ExitCode::FAILURE
                 }
             }

@@ -91,3 +91,41 @@ pub fn redact_url(url: &str) -> String {
         _ => url.to_owned(),
     }
 }
+
+/// An error and its causes on one line, each named once: a cause whose text its parent's
+/// message already carries (thiserror's `{0}` over a `#[from]`, sqlx over its I/O error) is
+/// left out.
+pub fn report(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let message = cause.to_string();
+        if text.contains(&message) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&message);
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use anyhow::Context as _;
+
+    #[test]
+    fn a_report_names_each_cause_once() {
+        let io = std::io::Error::other("connection refused");
+        let error = Err::<(), _>(io)
+            .context("cannot reach the broker: connection refused")
+            .context("starting the bus")
+            .unwrap_err();
+        assert_eq!(
+            super::report(&error),
+            "starting the bus: cannot reach the broker: connection refused"
+        );
+        let error = anyhow::anyhow!("outer").context("context");
+        assert_eq!(super::report(&error), "context: outer");
+    }
+}

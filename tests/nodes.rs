@@ -112,10 +112,11 @@ fn node_config(prefix: &str, rules: &std::path::Path, store: &str) -> DaemonConf
     config
 }
 
-fn assignments_total(metrics: &str) -> u64 {
+/// The sum of a counter's series in a Prometheus scrape.
+fn counter_total(metrics: &str, name: &str) -> u64 {
     metrics
         .lines()
-        .filter(|line| line.starts_with("switchboard_assignments_total"))
+        .filter(|line| line.starts_with(name))
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>() as u64
 }
@@ -229,8 +230,8 @@ async fn two_nodes_share_the_work_and_a_killed_one_loses_and_reorders_nothing() 
     {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let by_a = assignments_total(&a.metrics().await);
-    let by_b = assignments_total(&b.metrics().await);
+    let by_a = counter_total(&a.metrics().await, "switchboard_assignments_total");
+    let by_b = counter_total(&b.metrics().await, "switchboard_assignments_total");
     assert_eq!(
         by_a + by_b,
         (CUSTOMERS * half) as u64,
@@ -415,6 +416,46 @@ async fn a_partition_queue_past_the_configured_ones_stops_the_node_with_a_clear_
     )
     .await;
     assert_eq!(routed.len(), 1);
+
+    // One appearing while the node runs (another node started with more partitions) is
+    // reported on the node's next count: an error in the log and a counter.
+    let reported_before = daemon.log().matches(&expected).count();
+    channel
+        .queue_declare(
+            extra.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("declare the extra partition again");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let seen = loop {
+        let seen = counter_total(
+            &daemon.metrics().await,
+            "switchboard_router_extra_partitions_seen_total",
+        );
+        if seen > 0 || std::time::Instant::now() > deadline {
+            break seen;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        seen > 0,
+        "no count of the extra partition: {}",
+        daemon.log()
+    );
+    assert!(
+        daemon.log().matches(&expected).count() > reported_before,
+        "{}",
+        daemon.log()
+    );
+    channel
+        .queue_delete(extra.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .expect("delete the extra partition again");
     drop(daemon);
     cleanup_partitioned(&prefix).await;
     database.drop_now().await;

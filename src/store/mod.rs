@@ -381,7 +381,7 @@ pub(crate) fn merged_attributes(
     };
     let mut attributes = stored.clone();
     apply_attribute_patch(&mut attributes, update);
-    match check_attributes_size(&attributes) {
+    match check_attributes_size(&stored, &attributes) {
         Ok(()) => attributes,
         Err(error) => {
             tracing::warn!(message_id = %message.message_id, %error, "The message's attributes are not kept.");
@@ -390,11 +390,18 @@ pub(crate) fn merged_attributes(
     }
 }
 
-/// Refuses attributes larger than
-/// [`MAX_ATTRIBUTES_BYTES`](switchboard_channel::envelope::MAX_ATTRIBUTES_BYTES) as JSON.
-pub(crate) fn check_attributes_size(attributes: &Map<String, Value>) -> Result<(), StoreError> {
-    let bytes = serde_json::to_string(attributes)?.len();
-    if bytes > switchboard_channel::envelope::MAX_ATTRIBUTES_BYTES {
+/// Refuses patched attributes larger than
+/// [`MAX_ATTRIBUTES_BYTES`](switchboard_channel::envelope::MAX_ATTRIBUTES_BYTES) as JSON, unless
+/// they are no larger than they were: a merge may leave a customer past the limit (it keeps
+/// both customers' attributes), and a patch that trims them must go through.
+pub(crate) fn check_attributes_size(
+    before: &Map<String, Value>,
+    after: &Map<String, Value>,
+) -> Result<(), StoreError> {
+    let bytes = serde_json::to_string(after)?.len();
+    if bytes > switchboard_channel::envelope::MAX_ATTRIBUTES_BYTES
+        && bytes > serde_json::to_string(before)?.len()
+    {
         return Err(StoreError::AttributesTooLarge { bytes });
     }
     Ok(())

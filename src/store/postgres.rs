@@ -239,7 +239,7 @@ impl Store for PgStore {
         };
         let id = id.as_str();
         // Row-locked like the router's batches lock the customers they load: no lost update.
-        let Some(Json(mut attributes)) = sqlx::query_scalar::<_, Json<Map<String, Value>>>(
+        let Some(Json(stored)) = sqlx::query_scalar::<_, Json<Map<String, Value>>>(
             "SELECT attributes FROM customers WHERE id = $1 FOR NO KEY UPDATE",
         )
         .bind(id)
@@ -250,8 +250,9 @@ impl Store for PgStore {
             tx.rollback().await?;
             return Ok(None);
         };
+        let mut attributes = stored.clone();
         super::apply_attribute_patch(&mut attributes, patch);
-        if let Err(error) = super::check_attributes_size(&attributes) {
+        if let Err(error) = super::check_attributes_size(&stored, &attributes) {
             tx.rollback().await?;
             return Err(error);
         }

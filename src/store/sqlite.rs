@@ -275,9 +275,9 @@ impl Store for SqliteStore {
         let Some(current) = customer(&mut tx, id).await? else {
             return Ok(None);
         };
-        let mut attributes = current.attributes;
+        let mut attributes = current.attributes.clone();
         super::apply_attribute_patch(&mut attributes, patch);
-        super::check_attributes_size(&attributes)?;
+        super::check_attributes_size(&current.attributes, &attributes)?;
         // `current` is the survivor when `id` names a merged customer.
         sqlx::query("UPDATE customers SET attributes = ? WHERE id = ?")
             .bind(serde_json::to_string(&attributes)?)

@@ -59,6 +59,7 @@ on_both_backends!(
     a_batch_marks_earlier_decisions_published,
     attributes_merge_and_persist,
     attributes_patch_merges_and_null_removes,
+    a_merge_past_the_attribute_limit_keeps_both_and_a_patch_can_trim,
     channels_used_accumulate_without_duplicates,
     contacts_last_24h_forgets_old_messages,
     a_closed_conversation_reopens_within_the_window_and_not_after,
@@ -478,6 +479,63 @@ async fn attributes_merge_and_persist(backend: Backend) {
     assert_eq!(after.attributes, stored.attributes);
 }
 
+/// A merge keeps both customers' attributes even past the limit; from there a patch that does
+/// not grow them is accepted (so they can be trimmed), one that grows them is not.
+async fn a_merge_past_the_attribute_limit_keeps_both_and_a_patch_can_trim(backend: Backend) {
+    let store = TestStore::open(backend).await;
+    let limit = switchboard_channel::envelope::MAX_ATTRIBUTES_BYTES;
+    let most = "x".repeat(limit * 9 / 10);
+    let mut ids = Vec::new();
+    for (i, (visitor, key)) in [("visitor-a", "a"), ("visitor-b", "b")].iter().enumerate() {
+        let (_, seen) = route(
+            &store,
+            &[message(&format!("m-{i}"), visitor, "webchat")],
+            1_000,
+        )
+        .await;
+        let id = seen[0].customer.id.clone();
+        let patch = json!({ *key: most }).as_object().unwrap().clone();
+        store.patch_attributes(&id, &patch).await.unwrap().unwrap();
+        ids.push(id);
+    }
+    assert!(matches!(
+        store.merge(&ids[0], &ids[1], 2_000).await.unwrap(),
+        MergeOutcome::Merged { .. }
+    ));
+    let merged = store.customer(&ids[0]).await.unwrap().unwrap();
+    assert_eq!(merged.attributes.len(), 2, "both kept");
+
+    let grow = json!({"tier": "vip"}).as_object().unwrap().clone();
+    let refused = store.patch_attributes(&ids[0], &grow).await;
+    assert!(
+        matches!(refused, Err(StoreError::AttributesTooLarge { .. })),
+        "{refused:?}"
+    );
+    // Smaller, though still past the limit: accepted.
+    let shorter = "x".repeat(limit / 2);
+    let trim = json!({ "b": shorter }).as_object().unwrap().clone();
+    let trimmed = store
+        .patch_attributes(&ids[0], &trim)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(trimmed.attributes["b"], shorter.as_str());
+    assert!(serde_json::to_string(&trimmed.attributes).unwrap().len() > limit);
+    let trim = json!({"b": null, "tier": "vip"})
+        .as_object()
+        .unwrap()
+        .clone();
+    let trimmed = store
+        .patch_attributes(&ids[0], &trim)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        trimmed.attributes,
+        *json!({"a": most, "tier": "vip"}).as_object().unwrap()
+    );
+}
+
 async fn channels_used_accumulate_without_duplicates(backend: Backend) {
     let store = TestStore::open(backend).await;
     for (i, kind) in ["webchat", "email", "webchat"].iter().enumerate() {
@@ -887,6 +945,9 @@ async fn postgres_unreachable_server_is_a_clear_error() {
         "{text}"
     );
     assert!(!text.contains("secret"), "no password in errors: {text}");
+    // `switchboard run` reports the whole chain of causes: each is named once.
+    let chain = crate::telemetry::report(&anyhow::Error::new(error));
+    assert_eq!(chain.matches("refused").count(), 1, "{chain}");
 
     let error = PgStore::open("postgres://127.0.0.1:port/test")
         .await
