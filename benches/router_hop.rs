@@ -2,7 +2,7 @@
 //! latency at a fixed rate through the real daemon.
 //!
 //! `cargo bench --bench router_hop` (RabbitMQ on 127.0.0.1:5672). Options through the
-//! environment: `BENCH_MESSAGES` (default 20000), `BENCH_RUNS` (3), `BENCH_RATE` (1000/s),
+//! environment: `BENCH_MESSAGES` (default 20000), `BENCH_RUNS` (5), `BENCH_RATE` (1000/s),
 //! `BENCH_SECONDS` (10), `BENCH_ONLY` (`hop` or `raw`: profile one side; the ratio is then NaN;
 //! `router`: the router and its store over an in-memory link, no broker, see [`router_alone`]),
 //! `BENCH_SENDERS` (1000: how many customers the messages come from), `BENCH_RULES` (a rules
@@ -896,7 +896,7 @@ fn median(mut values: Vec<f64>) -> f64 {
 fn main() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let n = env_usize("BENCH_MESSAGES", 20_000);
-    let runs = env_usize("BENCH_RUNS", 3);
+    let runs = env_usize("BENCH_RUNS", 5);
     let rate = env_usize("BENCH_RATE", 1000);
     let seconds = env_usize("BENCH_SECONDS", 10);
     runtime.block_on(async {
