@@ -362,6 +362,20 @@ async fn a_message_postgres_cannot_store_is_dead_lettered_and_routing_goes_on() 
     database.drop_now().await;
 }
 
+async fn declare_durable(channel: &lapin::Channel, queue: &str) {
+    channel
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("declare {queue}: {e}"));
+}
+
 /// A partition queue past `[bus] partitions` (left by a run, or made by a node, with more of
 /// them) would take a share of the senders with no consumer: the node says so and takes
 /// nothing until it is gone.
@@ -372,17 +386,7 @@ async fn a_partition_queue_past_the_configured_ones_stops_the_node_with_a_clear_
     let extra = format!("{prefix}.router.{PARTITIONS}");
     let connection = rabbit().await;
     let channel = connection.create_channel().await.expect("channel");
-    channel
-        .queue_declare(
-            extra.as_str().into(),
-            lapin::options::QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            lapin::types::FieldTable::default(),
-        )
-        .await
-        .expect("declare the extra partition");
+    declare_durable(&channel, &extra).await;
     let database = Database::create("extra").await;
     let rules = general_only_rules();
     let daemon = Daemon::start(node_config(&prefix, rules.path(), &database.url)).await;
@@ -420,17 +424,7 @@ async fn a_partition_queue_past_the_configured_ones_stops_the_node_with_a_clear_
     // One appearing while the node runs (another node started with more partitions) is
     // reported on the node's next count: an error in the log and a counter.
     let reported_before = daemon.log().matches(&expected).count();
-    channel
-        .queue_declare(
-            extra.as_str().into(),
-            lapin::options::QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            lapin::types::FieldTable::default(),
-        )
-        .await
-        .expect("declare the extra partition again");
+    declare_durable(&channel, &extra).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let seen = loop {
         let seen = counter_total(
