@@ -18,6 +18,7 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             switchboard::telemetry::init_logging(&loaded.config.log);
+            let json_logs = loaded.config.log.format == switchboard::config::LogFormat::Json;
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(runtime) => runtime,
                 Err(error) => {
@@ -28,9 +29,14 @@ fn main() -> ExitCode {
             match runtime.block_on(switchboard::app::run(loaded, rules)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
+                    // Once on stderr, where the logs go too: as a log record when they are
+                    // JSON (for whatever reads them), else as plain text like `check`'s errors.
                     let report = switchboard::telemetry::report(&error);
-                    tracing::error!("{report}");
-                    eprintln!("switchboard: {report}");
+                    if json_logs {
+                        tracing::error!("{report}");
+                    } else {
+                        eprintln!("switchboard: {report}");
+                    }
                     ExitCode::FAILURE
                 }
             }

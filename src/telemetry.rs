@@ -82,14 +82,36 @@ fn describe() {
     );
 }
 
-/// A URL without its user and password, for logs and errors.
+/// A URL without its user and password, for logs and errors: the user information before `@`,
+/// and the value of any query parameter whose name holds `password` (PostgreSQL URLs take
+/// `?password=` and `?sslpassword=`).
 pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let mut redacted = match (base.find("://"), base.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}://…@{}", &url[..scheme], &url[at + 1..])
+            format!("{}://…@{}", &base[..scheme], &base[at + 1..])
         }
-        _ => url.to_owned(),
+        _ => base.to_owned(),
+    };
+    if let Some(query) = query {
+        redacted.push('?');
+        for (i, pair) in query.split('&').enumerate() {
+            if i > 0 {
+                redacted.push('&');
+            }
+            match pair.split_once('=') {
+                Some((key, _)) if key.to_ascii_lowercase().contains("password") => {
+                    redacted.push_str(key);
+                    redacted.push_str("=…");
+                }
+                _ => redacted.push_str(pair),
+            }
+        }
     }
+    redacted
 }
 
 /// An error and its causes on one line, each named once: a cause whose text its parent's
@@ -113,6 +135,40 @@ pub fn report(error: &anyhow::Error) -> String {
 #[cfg(test)]
 mod tests {
     use anyhow::Context as _;
+
+    use super::redact_url;
+
+    #[test]
+    fn a_redacted_url_keeps_no_password() {
+        for (url, redacted) in [
+            (
+                "postgres://sb:s3cret@db:5432/switchboard",
+                "postgres://…@db:5432/switchboard",
+            ),
+            (
+                "postgres://sb@db/switchboard?password=s3cret&sslmode=require",
+                "postgres://…@db/switchboard?password=…&sslmode=require",
+            ),
+            (
+                "postgres://db/switchboard?user=sb&Password=s3cret&sslpassword=s3cret",
+                "postgres://db/switchboard?user=sb&Password=…&sslpassword=…",
+            ),
+            (
+                "postgres://db/switchboard?user=dana@example.com",
+                "postgres://db/switchboard?user=dana@example.com",
+            ),
+            (
+                "amqp://guest:guest@127.0.0.1:5672/%2f",
+                "amqp://…@127.0.0.1:5672/%2f",
+            ),
+            (
+                "sqlite:///var/lib/switchboard/switchboard.db",
+                "sqlite:///var/lib/switchboard/switchboard.db",
+            ),
+        ] {
+            assert_eq!(redact_url(url), redacted, "{url}");
+        }
+    }
 
     #[test]
     fn a_report_names_each_cause_once() {

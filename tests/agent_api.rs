@@ -14,6 +14,7 @@ on_both_buses!(
     claim_api_refuses_bad_requests,
     a_burst_is_claimed_highest_priority_first,
     a_long_poll_returns_as_soon_as_an_assignment_arrives,
+    a_claim_without_waiting_takes_what_is_ready,
 );
 
 async fn claim_ack_and_lease_expiry(backend: Backend) {
@@ -181,6 +182,41 @@ async fn a_burst_is_claimed_highest_priority_first(backend: Backend) {
     let priorities: Vec<u8> = order.iter().map(|(p, _)| *p).collect();
     assert_eq!(priorities, expected, "every priority as sent");
     daemon.cleanup(&["general"]).await;
+}
+
+/// `wait=0` answers at once, and 204 only when nothing is ready: every ready assignment is
+/// handed out, none handed back to the queue as redelivered on the way.
+async fn a_claim_without_waiting_takes_what_is_ready(backend: Backend) {
+    let prefix = prefix("claimnow");
+    let daemon = Daemon::start(DaemonConfig::on(backend, &prefix)).await;
+    daemon.wait_ready().await;
+    const READY: usize = 10;
+    for round in 0..10 {
+        for i in 0..READY {
+            let (status, _) = daemon
+                .post(
+                    "chat",
+                    &chat(&format!("m-{round}-{i}"), &format!("v-{i}"), "refund please"),
+                )
+                .await;
+            assert_eq!(status, 200);
+        }
+        assert!(
+            daemon
+                .wait_depth("billing", READY, Duration::from_secs(10))
+                .await
+        );
+        for i in 0..READY {
+            let (status, claimed) = daemon.claim("billing", 0.0, 30.0).await;
+            assert_eq!(status, 200, "round {round}, claim {i}: {claimed}");
+            assert_eq!(claimed["redelivered"], false, "{claimed}");
+            let id = claimed["assignment_id"].as_str().unwrap();
+            assert_eq!(daemon.ack(id).await, 200);
+        }
+        let (status, _) = daemon.claim("billing", 0.0, 30.0).await;
+        assert_eq!(status, 204, "round {round}: all were taken");
+    }
+    daemon.cleanup(QUEUES).await;
 }
 
 async fn a_long_poll_returns_as_soon_as_an_assignment_arrives(backend: Backend) {
@@ -369,6 +405,8 @@ async fn a_missing_data_directory_is_a_clear_error() {
         .unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
+    let said = "switchboard: cannot open the store at sqlite:///nonexistent/switchboard-state/";
+    assert_eq!(stderr.matches(said).count(), 1, "said once: {stderr}");
     assert!(
         stderr.contains("the data directory /nonexistent/switchboard-state does not exist"),
         "{stderr}"

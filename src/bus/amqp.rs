@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use backon::BackoffBuilder;
 use futures::{FutureExt, StreamExt};
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions,
     QueueDeclareOptions,
 };
@@ -111,30 +111,21 @@ impl AmqpBus {
     ) -> Result<Option<super::Claimed>, BusError> {
         let connection = self.shared.current().ok_or(BusError::Disconnected)?;
         let channel = connection.create_channel().await?;
-        channel.basic_qos(1, BasicQosOptions::default()).await?;
         let lease_id = uuid::Uuid::new_v4().to_string();
-        let mut consumer = channel
-            .basic_consume(
-                self.shared.topology.agent_queue(queue).as_str().into(),
-                lease_id.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        let delivery = tokio::select! {
-            () = cancel.cancelled() => None,
-            () = tokio::time::sleep(wait) => None,
-            delivery = consumer.next() => delivery,
+        let agent_queue = self.shared.topology.agent_queue(queue);
+        // What is ready is taken at once (highest priority first); only an empty queue waits.
+        let ready = channel
+            .basic_get(agent_queue.as_str().into(), BasicGetOptions::default())
+            .await?
+            .map(|message| message.delivery);
+        let delivery = match ready {
+            Some(delivery) => Some(delivery),
+            None if wait.is_zero() => None,
+            None => wait_for_delivery(&channel, &agent_queue, &lease_id, wait, cancel).await?,
         };
-        let _ = channel
-            .basic_cancel(lease_id.as_str().into(), Default::default())
-            .await;
-        let delivery = match delivery {
-            Some(delivery) => delivery?,
-            None => {
-                let _ = channel.close(200, "nothing to claim".into()).await;
-                return Ok(None);
-            }
+        let Some(delivery) = delivery else {
+            let _ = channel.close(200, "nothing to claim".into()).await;
+            return Ok(None);
         };
         let claimed = super::Claimed {
             assignment_id: lease_id.clone(),
@@ -303,6 +294,44 @@ impl Shared {
             }
         }
     }
+}
+
+/// The first assignment to arrive on `queue` within `wait`, on a consumer of `channel` that
+/// takes one at a time. A delivery that crossed the end of the wait (sent before the broker
+/// saw the cancel) is still returned rather than handed back to the queue as redelivered.
+async fn wait_for_delivery(
+    channel: &Channel,
+    queue: &str,
+    lease_id: &str,
+    wait: Duration,
+    cancel: &CancellationToken,
+) -> Result<Option<lapin::message::Delivery>, BusError> {
+    channel.basic_qos(1, BasicQosOptions::default()).await?;
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            lease_id.into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let delivery = tokio::select! {
+        () = cancel.cancelled() => None,
+        () = tokio::time::sleep(wait) => None,
+        delivery = consumer.next() => delivery,
+    };
+    channel
+        .basic_cancel(lease_id.into(), Default::default())
+        .await?;
+    let delivery = match delivery {
+        Some(delivery) => Some(delivery),
+        // After the cancel-ok, the consumer holds what was sent before it, then ends.
+        None => tokio::time::timeout(Duration::from_secs(1), consumer.next())
+            .await
+            .ok()
+            .flatten(),
+    };
+    Ok(delivery.transpose()?)
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -23,7 +23,7 @@ pub use sqlite::SqliteStore;
 /// The store failed; the message stays unacknowledged and is retried.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot open the store at {url}: {source}")]
+    #[error("cannot open the store at {url}: {}", describe(source))]
     Open {
         url: String,
         #[source]
@@ -31,7 +31,7 @@ pub enum StoreError {
     },
     #[error("store migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
-    #[error("store query failed: {0}")]
+    #[error("store query failed: {}", describe(.0))]
     Query(#[from] sqlx::Error),
     #[error("the batch met a concurrent merge; retried: {0}")]
     Retry(String),
@@ -48,6 +48,17 @@ pub enum StoreError {
         switchboard_channel::envelope::MAX_ATTRIBUTES_BYTES
     )]
     AttributesTooLarge { bytes: usize },
+}
+
+/// sqlx's text for an error, without the "at line N" it appends to PostgreSQL's errors: that is
+/// a line of PostgreSQL's own C source, which a reader takes for a line of their config.
+fn describe(error: &sqlx::Error) -> String {
+    match error {
+        sqlx::Error::Database(database) => {
+            format!("error returned from database: {}", database.message())
+        }
+        other => other.to_string(),
+    }
 }
 
 /// A decision already recorded for a message key.

@@ -956,6 +956,25 @@ async fn postgres_unreachable_server_is_a_clear_error() {
     assert!(matches!(error, StoreError::Open { .. }), "{error}");
 }
 
+/// PostgreSQL's own refusal reads as it is, without the "at line N" (of PostgreSQL's C source)
+/// sqlx appends.
+#[tokio::test]
+async fn postgres_refusing_the_database_is_a_clear_error() {
+    let admin_url = std::env::var("SWITCHBOARD_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| DEFAULT_POSTGRES_URL.to_owned());
+    let (base, query) = admin_url.split_once('?').unwrap_or((&admin_url, ""));
+    let (server, _) = base.rsplit_once('/').unwrap();
+    let url = format!("{server}/sb_no_such_database?{query}");
+    let error = PgStore::open(&url).await.err().unwrap();
+    let text = error.to_string();
+    assert!(
+        text.ends_with(
+            "error returned from database: database \"sb_no_such_database\" does not exist"
+        ),
+        "{text}"
+    );
+}
+
 /// The pool does not ping a connection on every acquire; one the server cut while it sat idle
 /// (a restart, an administrator) is pinged, found dead and replaced before a batch uses it.
 #[tokio::test]
