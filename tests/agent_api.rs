@@ -196,7 +196,11 @@ async fn a_claim_without_waiting_takes_what_is_ready(backend: Backend) {
             let (status, _) = daemon
                 .post(
                     "chat",
-                    &chat(&format!("m-{round}-{i}"), &format!("v-{i}"), "refund please"),
+                    &chat(
+                        &format!("m-{round}-{i}"),
+                        &format!("v-{i}"),
+                        "refund please",
+                    ),
                 )
                 .await;
             assert_eq!(status, 200);

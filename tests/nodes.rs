@@ -420,6 +420,11 @@ async fn a_partition_queue_past_the_configured_ones_stops_the_node_with_a_clear_
     )
     .await;
     assert_eq!(routed.len(), 1);
+    // The running node's check (every 3 s) finds no extra queue: the broker closes the probe's
+    // channel, and the node's connection stays.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let reconnects = counter_total(&daemon.metrics().await, "switchboard_bus_reconnects_total");
+    assert_eq!(reconnects, 0, "{}", daemon.log());
 
     // One appearing while the node runs (another node started with more partitions) is
     // reported on the node's next count: an error in the log and a counter.

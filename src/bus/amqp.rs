@@ -375,6 +375,11 @@ async fn supervise(
                     tokio::select! {
                         () = cancel.cancelled() => break,
                         event = events.next() => match event {
+                            // lapin reports a channel the broker closed here too (a passive
+                            // declare of a missing queue, say): the connection stays.
+                            Some(Event::Error(error)) if connection.status().connected() => {
+                                debug!(%error, "A RabbitMQ channel was closed.");
+                            }
                             Some(Event::Error(error)) => {
                                 warn!(%error, "RabbitMQ connection failed; reconnecting.");
                                 break;

@@ -150,6 +150,98 @@ impl PgStore {
         self.history = history;
         self
     }
+
+    /// One attempt at [`Store::merge`]: `None` when the survivor was merged into another
+    /// customer between looking it up and locking it (merging into it then would leave a
+    /// tombstone pointing at itself).
+    async fn try_merge(
+        &self,
+        into: &str,
+        from: &str,
+        now_ms: i64,
+    ) -> Result<Option<MergeOutcome>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let given = into;
+        let Some(into) = survivor_of(&mut tx, given).await? else {
+            return Ok(Some(MergeOutcome::Unknown(given.to_owned())));
+        };
+        // Both rows locked, in id order like the router's batches lock customers.
+        let mut ids = [into.clone(), from.to_owned()];
+        ids.sort();
+        let locked = sqlx::query(
+            "SELECT id, merged_into FROM customers WHERE id = ANY($1) ORDER BY id
+             FOR NO KEY UPDATE",
+        )
+        .bind(&ids[..])
+        .fetch_all(&mut *tx)
+        .await?;
+        let Some(absorbed) = locked.iter().find(|r| r.get::<&str, _>("id") == from) else {
+            return Ok(Some(MergeOutcome::Unknown(from.to_owned())));
+        };
+        let survivor_moved = locked.iter().any(|r| {
+            r.get::<&str, _>("id") == into && r.get::<Option<String>, _>("merged_into").is_some()
+        });
+        if survivor_moved {
+            // Merged into another customer since it was looked up: look again.
+            tx.rollback().await?;
+            return Ok(None);
+        }
+        if let Some(merged_into) = absorbed.get::<Option<String>, _>("merged_into") {
+            return Ok(Some(MergeOutcome::AlreadyMerged {
+                customer: from.to_owned(),
+                into: merged_into,
+            }));
+        }
+        if into == from {
+            // `given` was merged into `from` before: asked the other way round.
+            if given != into {
+                return Ok(Some(MergeOutcome::AlreadyMerged {
+                    customer: given.to_owned(),
+                    into,
+                }));
+            }
+            return Ok(Some(MergeOutcome::Same));
+        }
+        let (Some(survivor), Some(absorbed)) = (
+            customer(&mut tx, &into).await?,
+            customer(&mut tx, from).await?,
+        ) else {
+            return Ok(Some(MergeOutcome::Unknown(from.to_owned())));
+        };
+        // The survivor's open conversation continues; else the absorbed one's.
+        let keep: Option<String> = sqlx::query_scalar(
+            "SELECT id FROM conversations WHERE customer_id IN ($1, $2) AND status = 'open'
+             ORDER BY customer_id = $1 DESC, last_activity_at DESC LIMIT 1",
+        )
+        .bind(&into)
+        .bind(from)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let mut attributes = survivor.attributes;
+        let row = explicit_merge(
+            &into,
+            from,
+            &mut attributes,
+            &absorbed.attributes,
+            &absorbed.identities,
+            keep,
+        );
+        sqlx::query("UPDATE customers SET attributes = $1::jsonb WHERE id = $2")
+            .bind(serde_json::to_string(&attributes)?)
+            .bind(&into)
+            .execute(&mut *tx)
+            .await?;
+        apply_merge(&mut tx, &row, now_ms).await?;
+        let customer = customer(&mut tx, &into).await?;
+        tx.commit().await?;
+        Ok(Some(match customer {
+            Some(customer) => MergeOutcome::Merged {
+                customer,
+                merge_id: row.id,
+            },
+            None => MergeOutcome::Unknown(into),
+        }))
+    }
 }
 
 #[async_trait]
@@ -233,23 +325,20 @@ impl Store for PgStore {
         patch: &Map<String, Value>,
     ) -> Result<Option<CustomerRecord>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let Some(id) = survivor_of(&mut tx, id).await? else {
-            tx.rollback().await?;
-            return Ok(None);
-        };
-        let id = id.as_str();
-        // Row-locked like the router's batches lock the customers they load: no lost update.
-        let Some(Json(stored)) = sqlx::query_scalar::<_, Json<Map<String, Value>>>(
-            "SELECT attributes FROM customers WHERE id = $1 FOR NO KEY UPDATE",
-        )
-        .bind(id)
-        .fetch_optional(&mut *tx)
-        .await?
-        else {
+        // Row-locked like the router's batches lock the customers they load: no lost update,
+        // and no merge moves the customer away before the commit.
+        let Some(id) = locked_survivor(&mut tx, id).await? else {
             // Now rather than when the pool next tests the connection: it holds a table lock.
             tx.rollback().await?;
             return Ok(None);
         };
+        let id = id.as_str();
+        let Json(stored) = sqlx::query_scalar::<_, Json<Map<String, Value>>>(
+            "SELECT attributes FROM customers WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?;
         let mut attributes = stored.clone();
         super::apply_attribute_patch(&mut attributes, patch);
         if let Err(error) = super::check_attributes_size(&stored, &attributes) {
@@ -300,79 +389,14 @@ impl Store for PgStore {
     }
 
     async fn merge(&self, into: &str, from: &str, now_ms: i64) -> Result<MergeOutcome, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let given = into;
-        let Some(into) = survivor_of(&mut tx, given).await? else {
-            return Ok(MergeOutcome::Unknown(given.to_owned()));
-        };
-        // Both rows locked, in id order like the router's batches lock customers.
-        let mut ids = [into.clone(), from.to_owned()];
-        ids.sort();
-        let locked = sqlx::query(
-            "SELECT id, merged_into FROM customers WHERE id = ANY($1) ORDER BY id
-             FOR NO KEY UPDATE",
-        )
-        .bind(&ids[..])
-        .fetch_all(&mut *tx)
-        .await?;
-        let Some(absorbed) = locked.iter().find(|r| r.get::<&str, _>("id") == from) else {
-            return Ok(MergeOutcome::Unknown(from.to_owned()));
-        };
-        if let Some(merged_into) = absorbed.get::<Option<String>, _>("merged_into") {
-            return Ok(MergeOutcome::AlreadyMerged {
-                customer: from.to_owned(),
-                into: merged_into,
-            });
-        }
-        if into == from {
-            // `given` was merged into `from` before: asked the other way round.
-            if given != into {
-                return Ok(MergeOutcome::AlreadyMerged {
-                    customer: given.to_owned(),
-                    into,
-                });
+        for _ in 0..LOCK_ATTEMPTS {
+            if let Some(outcome) = self.try_merge(into, from, now_ms).await? {
+                return Ok(outcome);
             }
-            return Ok(MergeOutcome::Same);
         }
-        let (Some(survivor), Some(absorbed)) = (
-            customer(&mut tx, &into).await?,
-            customer(&mut tx, from).await?,
-        ) else {
-            return Ok(MergeOutcome::Unknown(from.to_owned()));
-        };
-        // The survivor's open conversation continues; else the absorbed one's.
-        let keep: Option<String> = sqlx::query_scalar(
-            "SELECT id FROM conversations WHERE customer_id IN ($1, $2) AND status = 'open'
-             ORDER BY customer_id = $1 DESC, last_activity_at DESC LIMIT 1",
-        )
-        .bind(&into)
-        .bind(from)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let mut attributes = survivor.attributes;
-        let row = explicit_merge(
-            &into,
-            from,
-            &mut attributes,
-            &absorbed.attributes,
-            &absorbed.identities,
-            keep,
-        );
-        sqlx::query("UPDATE customers SET attributes = $1::jsonb WHERE id = $2")
-            .bind(serde_json::to_string(&attributes)?)
-            .bind(&into)
-            .execute(&mut *tx)
-            .await?;
-        apply_merge(&mut tx, &row, now_ms).await?;
-        let customer = customer(&mut tx, &into).await?;
-        tx.commit().await?;
-        Ok(match customer {
-            Some(customer) => MergeOutcome::Merged {
-                customer,
-                merge_id: row.id,
-            },
-            None => MergeOutcome::Unknown(into),
-        })
+        Err(StoreError::Retry(format!(
+            "customer {into} kept being merged into others while {from} was merged into it"
+        )))
     }
 
     async fn link_identity(
@@ -388,7 +412,7 @@ impl Store for PgStore {
             .bind(lock_key("identity", kind, address))
             .execute(&mut *tx)
             .await?;
-        let Some(customer_id) = survivor_of(&mut tx, customer_id).await? else {
+        let Some(customer_id) = locked_survivor(&mut tx, customer_id).await? else {
             return Ok(LinkOutcome::UnknownCustomer);
         };
         let owner: Option<String> = sqlx::query_scalar(
@@ -465,6 +489,36 @@ impl Store for PgStore {
     async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+/// How often a write that found its customer merged away between looking it up and locking it
+/// looks again. Merges leave no chains (a merge re-points the absorbed customer's tombstones),
+/// so one more look is what a race takes; more means merges keep coming.
+const LOCK_ATTEMPTS: usize = 8;
+
+/// The customer `id` names (itself, or the one it was merged into), its row locked for the
+/// transaction, so no merge moves it away before the commit. A merge committed between the
+/// lookup and the lock is followed to its survivor.
+async fn locked_survivor(
+    connection: &mut PgConnection,
+    id: &str,
+) -> Result<Option<String>, StoreError> {
+    let mut id = id.to_owned();
+    for _ in 0..LOCK_ATTEMPTS {
+        let merged_into: Option<Option<String>> =
+            sqlx::query_scalar("SELECT merged_into FROM customers WHERE id = $1 FOR NO KEY UPDATE")
+                .bind(&id)
+                .fetch_optional(&mut *connection)
+                .await?;
+        match merged_into {
+            None => return Ok(None),
+            Some(None) => return Ok(Some(id)),
+            Some(Some(survivor)) => id = survivor,
+        }
+    }
+    Err(StoreError::Retry(format!(
+        "customer {id} kept being merged into others"
+    )))
 }
 
 /// The customer `id` names: itself, or the one it was merged into.

@@ -71,6 +71,7 @@ on_both_backends!(
     an_unverified_identity_only_suggests_a_merge,
     a_suggestion_follows_its_customers_through_merges,
     an_explicit_merge_moves_everything_and_is_audited,
+    merges_racing_other_writes_leave_one_survivor_and_lose_nothing,
     linking_an_identity_refuses_another_customers,
     a_reply_in_a_thread_continues_its_conversation,
     another_stores_writes_reach_every_later_batch,
@@ -1506,6 +1507,84 @@ async fn an_explicit_merge_moves_everything_and_is_audited(backend: Backend) {
     assert_eq!(audit[0]["id"], merge_id.as_str());
     assert_eq!(audit[0]["reason"], "api");
     assert_eq!(audit[0]["detail"]["identities"][0]["address"], "visitor-b");
+}
+
+/// Two nodes' writes racing a merge of the same customers: opposite merges, a chain of merges,
+/// and a link or an attribute patch on the customer being absorbed. Each ends with every id
+/// answering one survivor that holds every identity and attribute, and the router still
+/// routing its senders (a tombstone pointing at itself would hold its batches forever).
+async fn merges_racing_other_writes_leave_one_survivor_and_lose_nothing(backend: Backend) {
+    let one = TestStore::open(backend).await;
+    let two = one.another().await;
+    let mut now = 1_000;
+    for round in 0..6 {
+        let mut ids = Vec::new();
+        for name in ["x", "y", "z"] {
+            now += 1;
+            let m = message(
+                &format!("{name}-{round}"),
+                &format!("{name}-{round}"),
+                "webchat",
+            );
+            let (_, seen) = route(&one, &[m], now).await;
+            ids.push(seen[0].customer.id.clone());
+        }
+        let [x, y, z] = [&ids[0], &ids[1], &ids[2]];
+
+        // Opposite merges: one merges, the other finds it done.
+        let (a, b) = tokio::join!(one.merge(x, y, now), two.merge(y, x, now));
+        let merged = [a.unwrap(), b.unwrap()]
+            .iter()
+            .filter(|o| matches!(o, MergeOutcome::Merged { .. }))
+            .count();
+        assert_eq!(merged, 1, "round {round}: one of two opposite merges");
+        // A chain: z absorbs the survivor while it is linked an identity and patched.
+        let survivor = one.customer(x).await.unwrap().unwrap().id;
+        let email = format!("racer-{round}@example.com");
+        let patch = json!({"plan": "pro"}).as_object().unwrap().clone();
+        let (merged, linked, patched) = tokio::join!(
+            two.merge(z, &survivor, now),
+            one.link_identity(&survivor, "email", &email, now),
+            one.patch_attributes(&survivor, &patch),
+        );
+        assert!(matches!(merged.unwrap(), MergeOutcome::Merged { .. }));
+        assert!(matches!(linked.unwrap(), LinkOutcome::Linked(_)));
+        assert!(patched.unwrap().is_some());
+
+        let z_record = one.customer(z).await.unwrap().unwrap();
+        for id in [x, y, z] {
+            assert_eq!(
+                one.customer(id).await.unwrap().unwrap().id,
+                z_record.id,
+                "round {round}: every id answers the survivor"
+            );
+        }
+        let mut addresses: Vec<&str> = z_record
+            .identities
+            .iter()
+            .map(|i| i.address.as_str())
+            .collect();
+        addresses.sort_unstable();
+        let expected = [
+            email.clone(),
+            format!("x-{round}"),
+            format!("y-{round}"),
+            format!("z-{round}"),
+        ];
+        assert_eq!(addresses, expected, "round {round}");
+        assert_eq!(z_record.attributes.get("plan"), Some(&json!("pro")));
+        for name in ["x", "y", "z"] {
+            now += 1;
+            let m = message(
+                &format!("{name}-{round}-again"),
+                &format!("{name}-{round}"),
+                "webchat",
+            );
+            let (_, seen) = route(&two, &[m], now).await;
+            assert_eq!(seen[0].customer.id, z_record.id, "round {round}: {name}");
+        }
+    }
+    two.close().await;
 }
 
 async fn linking_an_identity_refuses_another_customers(backend: Backend) {
