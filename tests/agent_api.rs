@@ -598,6 +598,35 @@ async fn customers_are_read_and_their_attributes_set_over_the_api() {
             400,
             "invalid_identity",
         ),
+        (
+            reqwest::Method::GET,
+            "/api/v1/customers".to_owned(),
+            None,
+            400,
+            "invalid_parameter",
+        ),
+        // Objects only: serde alone would read a struct from an array of its fields.
+        (
+            reqwest::Method::POST,
+            format!("/api/v1/customers/{id}/identities"),
+            Some(json!(["email", "array@example.com"])),
+            400,
+            "invalid_body",
+        ),
+        (
+            reqwest::Method::PATCH,
+            format!("/api/v1/customers/{id}"),
+            Some(json!([{"tier": "array"}])),
+            400,
+            "invalid_body",
+        ),
+        (
+            reqwest::Method::POST,
+            format!("/api/v1/customers/{id}/merge"),
+            Some(json!([id])),
+            400,
+            "invalid_body",
+        ),
     ] {
         let mut request = api(method.clone(), &path);
         if let Some(body) = body {
@@ -956,11 +985,14 @@ async fn one_customer_across_identities_with_the_history_in_context() {
             "webchat:visitor-dana"
         ]
     );
-    // The `+` of an E.164 number, encoded or typed as it reads (not taken for a space).
+    // The `+` of an E.164 number, encoded or typed as it reads (not taken for a space); the
+    // kind in any case.
     for query in [
         "phone:%2B15551234567",
         "phone:+15551234567",
         "phone:+1%20555%20123%204567",
+        "PHONE:+15551234567",
+        "Email:dana@example.com",
     ] {
         let response = daemon
             .http

@@ -68,6 +68,27 @@ fn body_rejection(rejection: &JsonRejection, expected: &str) -> Response {
     }
 }
 
+/// A JSON object body read as `T`, or the answer to give: [`body_rejection`]'s, or
+/// `400 invalid_body` for anything but an object (serde alone would also read a struct from an
+/// array of its fields in order) or an object that is not `T`.
+fn object_body<T: serde::de::DeserializeOwned>(
+    body: Result<Json<Value>, JsonRejection>,
+    expected: &str,
+) -> Result<T, Response> {
+    let invalid = |problem: String| {
+        error(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            format!("expected {expected}: {problem}"),
+        )
+    };
+    let Json(value) = body.map_err(|rejection| body_rejection(&rejection, expected))?;
+    if !value.is_object() {
+        return Err(invalid("the body is not a JSON object".to_owned()));
+    }
+    serde_json::from_value(value).map_err(|e| invalid(e.to_string()))
+}
+
 /// Requires `Authorization: Bearer <[http] admin_token>`.
 pub async fn require_token(
     State(state): State<Arc<AppState>>,
@@ -371,20 +392,29 @@ pub async fn find_customer(
             format!("{problem}: the only parameter is `identity=<kind>:<address>`"),
         );
     }
-    let Some((kind, address)) = given.as_deref().and_then(|given| given.split_once(':')) else {
+    let Some(given) = given else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_parameter",
+            "give `identity=<kind>:<address>`, e.g. identity=email:dana@example.com",
+        );
+    };
+    let Some((kind, address)) = given.split_once(':') else {
         return error(
             StatusCode::BAD_REQUEST,
             "invalid_identity",
             "give `identity=<kind>:<address>`, e.g. identity=email:dana@example.com",
         );
     };
-    let address = match identity::normalize(kind, address) {
+    // Kinds are lower case; `EMAIL:` means `email:`.
+    let kind = kind.to_ascii_lowercase();
+    let address = match identity::normalize(&kind, address) {
         Ok(address) => address,
-        Err(problem) => return invalid_identity(kind, &problem),
+        Err(problem) => return invalid_identity(&kind, &problem),
     };
     customer_response(
-        state.store.customer_by_identity(kind, &address).await,
-        given.as_deref().unwrap_or_default(),
+        state.store.customer_by_identity(&kind, &address).await,
+        &given,
     )
 }
 
@@ -421,15 +451,15 @@ pub struct NewIdentity {
 pub async fn link_identity(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
-    body: Result<Json<NewIdentity>, JsonRejection>,
+    body: Result<Json<Value>, JsonRejection>,
 ) -> Response {
     let id = canonical_id(id);
-    let new = match body {
-        Ok(Json(new)) => new,
-        Err(rejection) => {
-            return body_rejection(&rejection, r#"{"kind": "email", "address": "…"}"#);
-        }
+    let mut new: NewIdentity = match object_body(body, r#"{"kind": "email", "address": "…"}"#) {
+        Ok(new) => new,
+        Err(answer) => return answer,
     };
+    // Kinds are lower case; `EMAIL` means `email`.
+    new.kind.make_ascii_lowercase();
     let address = match identity::normalize(&new.kind, &new.address) {
         Ok(address) => address,
         Err(problem) => return invalid_identity(&new.kind, &problem),
@@ -474,12 +504,12 @@ pub struct MergeRequest {
 pub async fn merge_customers(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
-    body: Result<Json<MergeRequest>, JsonRejection>,
+    body: Result<Json<Value>, JsonRejection>,
 ) -> Response {
     let id = canonical_id(id);
-    let request = match body {
-        Ok(Json(request)) => request,
-        Err(rejection) => return body_rejection(&rejection, r#"{"from": "<customer id>"}"#),
+    let request: MergeRequest = match object_body(body, r#"{"from": "<customer id>"}"#) {
+        Ok(request) => request,
+        Err(answer) => return answer,
     };
     if request.from.trim().is_empty() {
         return error(
@@ -548,12 +578,12 @@ pub struct CustomerPatch {
 pub async fn patch_customer(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
-    body: Result<Json<CustomerPatch>, JsonRejection>,
+    body: Result<Json<Value>, JsonRejection>,
 ) -> Response {
     let id = canonical_id(id);
-    let patch = match body {
-        Ok(Json(patch)) => patch,
-        Err(rejection) => return body_rejection(&rejection, r#"{"attributes": {…}}"#),
+    let patch: CustomerPatch = match object_body(body, r#"{"attributes": {…}}"#) {
+        Ok(patch) => patch,
+        Err(answer) => return answer,
     };
     if patch
         .attributes
