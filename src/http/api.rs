@@ -74,15 +74,15 @@ fn body_rejection(rejection: &JsonRejection, expected: &str) -> Response {
 fn object_body<T: serde::de::DeserializeOwned>(
     body: Result<Json<Value>, JsonRejection>,
     expected: &str,
-) -> Result<T, Response> {
+) -> Result<T, Box<Response>> {
     let invalid = |problem: String| {
-        error(
+        Box::new(error(
             StatusCode::BAD_REQUEST,
             "invalid_body",
             format!("expected {expected}: {problem}"),
-        )
+        ))
     };
-    let Json(value) = body.map_err(|rejection| body_rejection(&rejection, expected))?;
+    let Json(value) = body.map_err(|rejection| Box::new(body_rejection(&rejection, expected)))?;
     if !value.is_object() {
         return Err(invalid("the body is not a JSON object".to_owned()));
     }
@@ -456,7 +456,7 @@ pub async fn link_identity(
     let id = canonical_id(id);
     let mut new: NewIdentity = match object_body(body, r#"{"kind": "email", "address": "…"}"#) {
         Ok(new) => new,
-        Err(answer) => return answer,
+        Err(answer) => return *answer,
     };
     // Kinds are lower case; `EMAIL` means `email`.
     new.kind.make_ascii_lowercase();
@@ -509,7 +509,7 @@ pub async fn merge_customers(
     let id = canonical_id(id);
     let request: MergeRequest = match object_body(body, r#"{"from": "<customer id>"}"#) {
         Ok(request) => request,
-        Err(answer) => return answer,
+        Err(answer) => return *answer,
     };
     if request.from.trim().is_empty() {
         return error(
@@ -583,7 +583,7 @@ pub async fn patch_customer(
     let id = canonical_id(id);
     let patch: CustomerPatch = match object_body(body, r#"{"attributes": {…}}"#) {
         Ok(patch) => patch,
-        Err(answer) => return answer,
+        Err(answer) => return *answer,
     };
     if patch
         .attributes
