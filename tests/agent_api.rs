@@ -86,7 +86,17 @@ async fn claim_api_refuses_bad_requests(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(response.status(), 404);
-    for query in ["wait=-1", "wait=999", "lease=0", "wait=soon", "colour=blue"] {
+    for (query, names) in [
+        ("wait=-1", "`wait` must be between 0 and 60 seconds"),
+        ("wait=999", "`wait` must be between 0 and 60 seconds"),
+        ("lease=0", "`lease` must be between 0.001 and 3600 seconds"),
+        (
+            "lease=0.0004",
+            "`lease` must be between 0.001 and 3600 seconds",
+        ),
+        ("wait=soon", "wait"),
+        ("colour=blue", "colour"),
+    ] {
         let response = daemon
             .http
             .post(format!("{url}?{query}"))
@@ -96,11 +106,26 @@ async fn claim_api_refuses_bad_requests(backend: Backend) {
             .unwrap();
         assert_eq!(response.status(), 400, "{query}");
         let body: serde_json::Value = response.json().await.unwrap();
-        assert!(
-            body["error"]["message"].as_str().is_some(),
-            "{query}: {body}"
-        );
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(names), "{query}: {body}");
     }
+    // An ack takes no parameters; an assignment id is a UUID in any case.
+    let ack = |path: String| daemon.http.post(daemon.url(&path)).bearer_auth(ADMIN_TOKEN);
+    let response = ack("/api/v1/assignments/x/ack?colour=blue".into())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let (status, _) = daemon.post("chat", &chat("bad-1", "v-bad", "hello")).await;
+    assert_eq!(status, 200);
+    let (status, claimed) = daemon.claim("general", 5.0, 30.0).await;
+    assert_eq!(status, 200, "{claimed}");
+    let id = claimed["assignment_id"].as_str().unwrap().to_uppercase();
+    let response = ack(format!("/api/v1/assignments/{id}/ack"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
     let response = daemon
         .http
         .get(daemon.url("/api/v1/rules"))
@@ -248,6 +273,43 @@ async fn a_long_poll_returns_as_soon_as_an_assignment_arrives(backend: Backend) 
     let latency = returned.duration_since(posted);
     eprintln!("{backend:?}: webhook answered → long-polling claim returned in {latency:?}");
     assert!(latency < Duration::from_secs(1), "{latency:?}");
+    daemon.cleanup(QUEUES).await;
+}
+
+/// A claim held on a connection that broke is gone (RabbitMQ put the assignment back): its
+/// ack answers 404, not a 503 that a client would retry, and the next claim gets it again.
+#[tokio::test]
+async fn a_claim_lost_with_the_connection_acks_as_unknown() {
+    let prefix = prefix("claimlost");
+    let proxy = Proxy::start(AMQP_ADDR).await;
+    let mut config = DaemonConfig::new(&prefix);
+    config.amqp_url = proxy.url();
+    let daemon = Daemon::start(config).await;
+    daemon.wait_ready().await;
+    let (status, _) = daemon
+        .post("chat", &chat("lost-1", "v-lost", "hello"))
+        .await;
+    assert_eq!(status, 200);
+    let (status, claimed) = daemon.claim("general", 5.0, 60.0).await;
+    assert_eq!(status, 200, "{claimed}");
+
+    proxy.set_down(true);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.set_down(false);
+    daemon.wait_ready().await;
+    let lost = claimed["assignment_id"].as_str().unwrap();
+    assert_eq!(daemon.ack(lost).await, 404);
+    let (status, again) = daemon.claim("general", 5.0, 60.0).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["redelivered"], true);
+    assert_eq!(
+        again["assignment"]["data"]["message"]["external_id"],
+        "lost-1"
+    );
+    assert_eq!(
+        daemon.ack(again["assignment_id"].as_str().unwrap()).await,
+        200
+    );
     daemon.cleanup(QUEUES).await;
 }
 

@@ -185,6 +185,11 @@ impl AmqpBus {
         let Some(lease) = lease else {
             return Ok(false);
         };
+        if !lease.channel.status().connected() {
+            // Its channel closed (with a lost connection, say): the broker put the assignment
+            // back in its queue.
+            return Ok(false);
+        }
         lease
             .channel
             .basic_ack(lease.delivery_tag, BasicAckOptions::default())

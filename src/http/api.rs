@@ -145,21 +145,29 @@ pub struct ClaimQuery {
 /// The longest agent id `claim` takes, in bytes.
 const MAX_AGENT_ID_BYTES: usize = 128;
 
-/// A seconds parameter within `0..=max`, or the message saying why not.
+/// The shortest lease `claim` grants: a shorter one would end before its answer arrives.
+const MIN_LEASE: Duration = Duration::from_millis(1);
+
+/// A seconds parameter within `range`, or the message saying why not.
 fn seconds(
     value: Option<f64>,
     default: Duration,
-    max: Duration,
+    range: std::ops::RangeInclusive<Duration>,
     name: &str,
 ) -> Result<Duration, String> {
     match value {
         None => Ok(default),
-        Some(s) if s.is_finite() && s >= 0.0 && s <= max.as_secs_f64() => {
+        Some(s)
+            if s.is_finite()
+                && s >= range.start().as_secs_f64()
+                && s <= range.end().as_secs_f64() =>
+        {
             Ok(Duration::from_secs_f64(s))
         }
         Some(_) => Err(format!(
-            "`{name}` must be between 0 and {} seconds",
-            max.as_secs()
+            "`{name}` must be between {} and {} seconds",
+            range.start().as_secs_f64(),
+            range.end().as_secs_f64()
         )),
     }
 }
@@ -170,12 +178,18 @@ pub async fn claim(
     Path(queue): Path<String>,
     query: Result<Query<ClaimQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
-    let Ok(Query(query)) = query else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "invalid_parameter",
-            "claim takes `wait` and `lease`, in seconds, and `agent`",
-        );
+    let query = match query {
+        Ok(Query(query)) => query,
+        Err(rejection) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_parameter",
+                format!(
+                    "{}: claim takes `wait` and `lease`, in seconds, and `agent`",
+                    rejection.body_text()
+                ),
+            );
+        }
     };
     let agent = match query.agent.as_deref().map(str::trim) {
         None => None,
@@ -204,19 +218,17 @@ pub async fn claim(
         );
     }
     let invalid = |message: String| error(StatusCode::BAD_REQUEST, "invalid_parameter", message);
-    let wait = match seconds(query.wait, Duration::ZERO, MAX_WAIT, "wait") {
+    let wait = match seconds(
+        query.wait,
+        Duration::ZERO,
+        Duration::ZERO..=MAX_WAIT,
+        "wait",
+    ) {
         Ok(wait) => wait,
         Err(message) => return invalid(message),
     };
-    let lease = match seconds(query.lease, DEFAULT_LEASE, MAX_LEASE, "lease") {
-        Ok(lease) if !lease.is_zero() => lease,
-        Ok(_) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "invalid_parameter",
-                "`lease` must be above 0",
-            );
-        }
+    let lease = match seconds(query.lease, DEFAULT_LEASE, MIN_LEASE..=MAX_LEASE, "lease") {
+        Ok(lease) => lease,
         Err(message) => return invalid(message),
     };
     match state.bus.claim(&queue, wait, lease, &state.shutdown).await {
@@ -279,13 +291,27 @@ async fn record_agent(state: &AppState, assignment: &Value, agent: &str) {
 }
 
 /// `POST /api/v1/assignments/{id}/ack`
-pub async fn ack(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
+pub async fn ack(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Response {
+    if query.is_some_and(|query| !query.is_empty()) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_parameter",
+            "ack takes no parameters",
+        );
+    }
+    let id = canonical_id(id);
     match state.bus.ack(&id).await {
         Ok(true) => Json(json!({"assignment_id": id, "acked": true})).into_response(),
         Ok(false) => error(
             StatusCode::NOT_FOUND,
             "unknown_assignment",
-            "no claimed assignment with this id: it was acknowledged already, or its lease expired and it went back to its queue",
+            "no claimed assignment with this id on this node: it was acknowledged already, its \
+             lease expired and it went back to its queue, or it was claimed through another \
+             node (acknowledge on the node that answered the claim)",
         ),
         Err(e) => error(
             StatusCode::SERVICE_UNAVAILABLE,
