@@ -44,7 +44,8 @@ pub(super) struct Batch<'m> {
     conversations: HashMap<String, ConversationState>,
     /// By `(channel id, thread key)`: the conversation of that thread's latest message, and
     /// its customer. A reply in the thread continues it (reopening it if need be).
-    threads: HashMap<(String, String), (String, LoadedConversation)>,
+    /// `(channel id, thread key)` → the customer, whether the conversation is open, and it.
+    threads: HashMap<(String, String), (String, bool, LoadedConversation)>,
     /// Conversations a thread reply took the place of after this batch changed them: still
     /// written.
     parked: Vec<(String, ConversationState)>,
@@ -118,6 +119,8 @@ struct ConversationState {
     is_new: bool,
     /// A message of this batch went to it: it is written back.
     changed: bool,
+    /// It was closed: a message reopens it (and it counts among the open conversations).
+    closed: bool,
 }
 
 impl From<LoadedConversation> for ConversationState {
@@ -131,6 +134,7 @@ impl From<LoadedConversation> for ConversationState {
             queue: loaded.queue,
             is_new: false,
             changed: false,
+            closed: false,
         }
     }
 }
@@ -346,8 +350,11 @@ impl<'m> Batch<'m> {
         if taken {
             return Ok(()); // an older open one, or a closed one while an open one continues
         }
-        self.conversations
-            .insert(customer_id, ConversationState::from(load()?));
+        let state = ConversationState {
+            closed: !open,
+            ..ConversationState::from(load()?)
+        };
+        self.conversations.insert(customer_id, state);
         Ok(())
     }
 
@@ -369,10 +376,11 @@ impl<'m> Batch<'m> {
         channel_id: String,
         thread_key: String,
         customer_id: String,
+        open: bool,
         conversation: LoadedConversation,
     ) {
         self.threads
-            .insert((channel_id, thread_key), (customer_id, conversation));
+            .insert((channel_id, thread_key), (customer_id, open, conversation));
     }
 
     /// Makes the conversation of `message`'s thread the customer's current one, when the thread
@@ -382,7 +390,7 @@ impl<'m> Batch<'m> {
             return;
         };
         let key = (message.channel.id.clone(), thread_key.clone());
-        let Some((owner, loaded)) = self.threads.get(&key) else {
+        let Some((owner, _, loaded)) = self.threads.get(&key) else {
             return;
         };
         let current = self.conversations.get(customer_id).map(|c| c.id.as_str());
@@ -394,14 +402,27 @@ impl<'m> Batch<'m> {
         let state = match self.parked.iter().position(|(_, c)| c.id == id) {
             Some(index) => self.parked.swap_remove(index).1,
             None => match self.threads.remove(&key) {
-                Some((_, loaded)) => ConversationState::from(loaded),
+                Some((_, open, loaded)) => ConversationState {
+                    closed: !open,
+                    ..ConversationState::from(loaded)
+                },
                 None => return,
             },
         };
+        let reopens = state.closed && !state.changed;
+        let previous = self.conversations.insert(customer_id.to_owned(), state);
         if let Some(customer) = self.customers.get_mut(customer_id) {
             customer.followed_thread = true;
+            // The thread's conversation is counted open if this reopens it; the one it
+            // replaces is not, if it was closed and nothing in this batch reopened it.
+            if reopens {
+                customer.open_conversations += 1;
+            }
+            if previous.as_ref().is_some_and(|p| p.closed && !p.changed) {
+                customer.open_conversations = customer.open_conversations.saturating_sub(1);
+            }
         }
-        if let Some(previous) = self.conversations.insert(customer_id.to_owned(), state)
+        if let Some(previous) = previous
             && previous.changed
         {
             self.parked.push((customer_id.to_owned(), previous));
@@ -566,6 +587,7 @@ impl<'m> Batch<'m> {
                         queue: None,
                         is_new: true,
                         changed: false,
+                        closed: false,
                     }
                 });
             let resolved = Resolved {

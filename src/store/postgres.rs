@@ -852,8 +852,8 @@ async fn route_in(
         );
     }
     for row in reads.threads {
-        let (customer_id, _, loaded) = row.conversation.split();
-        batch.thread(row.channel_id, row.thread_key, customer_id, loaded);
+        let (customer_id, open, loaded) = row.conversation.split();
+        batch.thread(row.channel_id, row.thread_key, customer_id, open, loaded);
     }
     let decided = batch.decide(decide)?;
     if decided.messages.is_empty() {

@@ -42,8 +42,6 @@ pub(super) struct IdentityRow {
 pub(super) struct ConversationRow {
     pub(super) id: String,
     pub(super) customer_id: String,
-    /// Not read for a thread's conversation.
-    #[serde(default)]
     pub(super) open: bool,
     pub(super) channels: Vec<String>,
     pub(super) message_count: i64,

@@ -917,8 +917,14 @@ async fn route_in(
     }
     // Replies in a thread: the conversation of the thread's latest message.
     for row in reads.threads {
-        let (customer_id, _, conversation) = row.conversation.split();
-        batch.thread(row.channel_id, row.thread_key, customer_id, conversation);
+        let (customer_id, open, conversation) = row.conversation.split();
+        batch.thread(
+            row.channel_id,
+            row.thread_key,
+            customer_id,
+            open,
+            conversation,
+        );
     }
 
     let decided = batch.decide(decide)?;
@@ -1177,7 +1183,8 @@ const READ_BATCH: &str = "WITH known AS (
         'threads', (
             SELECT json_group_array(json_object(
                 'channel_id', j.value ->> 0, 'thread_key', j.value ->> 1,
-                'id', c.id, 'customer_id', c.customer_id, 'channels', json(c.channels),
+                'id', c.id, 'customer_id', c.customer_id,
+                'open', json(iif(c.status = 'open', 'true', 'false')), 'channels', json(c.channels),
                 'message_count', c.message_count, 'opened_at', c.opened_at,
                 'agent_id', c.agent_id, 'queue', c.queue))
             FROM jsonb_each(?5) j

@@ -1667,8 +1667,13 @@ async fn a_reply_in_a_thread_continues_its_conversation(backend: Backend) {
     .await;
     assert_eq!(seen[0].conversation.id, first, "the thread's conversation");
     assert_eq!(seen[0].conversation.message_count, 1);
+    assert_eq!(
+        seen[0].customer.open_conversations, 2,
+        "reopened beside the second"
+    );
     assert_eq!(seen[1].conversation.id, second);
     assert_eq!(seen[1].conversation.message_count, 1);
+    assert_eq!(seen[1].customer.open_conversations, 2);
     let reopened = store.conversation(&first).await.unwrap().unwrap();
     assert_eq!(
         (reopened.status.as_str(), reopened.message_count),
@@ -1680,6 +1685,19 @@ async fn a_reply_in_a_thread_continues_its_conversation(backend: Backend) {
     // Someone else replying in Dana's thread stays in their own conversation.
     let (_, seen) = route(&store, &[in_thread("m-5", "sam", "thread-1")], 172 * hour).await;
     assert_ne!(seen[0].conversation.id, first);
+
+    // Both closed, the first the latest active: a reply in the second thread reopens the
+    // second alone, and the first (which a message outside any thread would have reopened)
+    // stays closed.
+    store.close_conversation(&second, 173 * hour).await.unwrap();
+    let (_, seen) = route(&store, &[message("m-6", "dana", "email")], 173 * hour + 1).await;
+    assert_eq!(seen[0].conversation.id, first);
+    store.close_conversation(&first, 174 * hour).await.unwrap();
+    let (_, seen) = route(&store, &[in_thread("m-7", "dana", "thread-2")], 175 * hour).await;
+    assert_eq!(seen[0].conversation.id, second);
+    assert_eq!(seen[0].customer.open_conversations, 1);
+    let other = store.conversation(&first).await.unwrap().unwrap();
+    assert_eq!(other.status, "closed");
 }
 
 /// A field of a history entry's JSON.
