@@ -15,6 +15,7 @@ on_both_buses!(
     a_burst_is_claimed_highest_priority_first,
     a_long_poll_returns_as_soon_as_an_assignment_arrives,
     a_claim_without_waiting_takes_what_is_ready,
+    a_queue_removed_by_a_reload_can_still_be_emptied,
 );
 
 async fn claim_ack_and_lease_expiry(backend: Backend) {
@@ -207,6 +208,55 @@ async fn a_burst_is_claimed_highest_priority_first(backend: Backend) {
     let priorities: Vec<u8> = order.iter().map(|(p, _)| *p).collect();
     assert_eq!(priorities, expected, "every priority as sent");
     daemon.cleanup(&["general"]).await;
+}
+
+/// A reload that drops a queue leaves what the queue holds claimable; once it is empty, the
+/// queue is unknown.
+async fn a_queue_removed_by_a_reload_can_still_be_emptied(backend: Backend) {
+    let prefix = prefix("dropped");
+    let rules = tempfile::tempdir().unwrap();
+    let general = "[[queue]]\nname = \"general\"\ndefault = true\n";
+    let old = "[[queue]]\nname = \"old\"\n\n[[rule]]\nid = \"old\"\nwhen = 'message.text == \"old\"'\nroute_to = \"old\"\n";
+    write_rules(
+        rules.path(),
+        &[("10-general.toml", general), ("20-old.toml", old)],
+    );
+    let mut config = DaemonConfig::on(backend, &prefix);
+    config.rules = rules.path().to_path_buf();
+    let daemon = Daemon::start(config).await;
+    daemon.wait_ready().await;
+    let (status, _) = daemon.post("chat", &chat("d-1", "v-d", "old")).await;
+    assert_eq!(status, 200);
+    assert!(daemon.wait_depth("old", 1, Duration::from_secs(10)).await);
+    let version = |daemon: &Daemon| {
+        let request = daemon.api(reqwest::Method::GET, "/api/v1/rules");
+        async move {
+            let rules: serde_json::Value = request.send().await.unwrap().json().await.unwrap();
+            rules["version"].clone()
+        }
+    };
+    let before = version(&daemon).await;
+    std::fs::remove_file(rules.path().join("20-old.toml")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while version(&daemon).await == before {
+        assert!(Instant::now() < deadline, "not reloaded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let (status, claimed) = daemon.claim("old", 2.0, 30.0).await;
+    assert_eq!(status, 200, "{claimed}");
+    assert_eq!(
+        claimed["assignment"]["data"]["message"]["external_id"],
+        "d-1"
+    );
+    assert_eq!(
+        daemon.ack(claimed["assignment_id"].as_str().unwrap()).await,
+        200
+    );
+    let (status, body) = daemon.claim("old", 0.0, 30.0).await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["error"]["code"], "unknown_queue");
+    daemon.cleanup(&["general", "old"]).await;
 }
 
 /// `wait=0` answers at once, and 204 only when nothing is ready: every ready assignment is

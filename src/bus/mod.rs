@@ -322,6 +322,18 @@ impl Bus {
         }
     }
 
+    /// Whether agent queue `queue` holds assignments (ready or claimed): a queue a reload
+    /// removed from the rules keeps what it held until that is claimed. `false` when it cannot
+    /// be told (no such queue, or the bus is down).
+    pub async fn holds(&self, queue: &str) -> bool {
+        let names = [queue.to_owned()];
+        let depths = match self {
+            Bus::Amqp(bus) => bus.depths(&names).await,
+            Bus::Embedded(bus) => bus.depths(&names).await,
+        };
+        depths.is_ok_and(|depths| depths.get(queue).is_some_and(|&n| n > 0))
+    }
+
     /// Samples the depth of every agent queue of the current rules every second into `loads`,
     /// until `cancel`.
     pub async fn sample_loads(

@@ -210,7 +210,8 @@ pub async fn claim(
             );
         }
     };
-    if state.rules.load().queue(&queue).is_none() {
+    // A queue a reload removed can still be emptied: nothing is left stranded in it.
+    if state.rules.load().queue(&queue).is_none() && !state.bus.holds(&queue).await {
         return error(
             StatusCode::NOT_FOUND,
             "unknown_queue",
