@@ -260,6 +260,9 @@ impl RuleSet {
         let mut keywords: BTreeMap<String, Vec<String>> = BTreeMap::new();
         let mut weights: Option<(super::signals::Weights, Location)> = None;
         let mut hasher = Sha256::new();
+        // A file that does not parse adds none of its queues: the checks across files would
+        // report what it defines as missing.
+        let mut unreadable = false;
 
         for (file, text) in files {
             // The name, not the path: the same files give the same version wherever they are.
@@ -284,6 +287,7 @@ impl RuleSet {
                 Err(error) => {
                     let location = at(error.span().map_or(0, |s| s.start));
                     diagnostics.push(location.diagnostic(error.message().trim().to_owned()));
+                    unreadable = true;
                     continue;
                 }
             };
@@ -514,6 +518,9 @@ impl RuleSet {
             }
         }
 
+        if unreadable {
+            return Err(Diagnostics(diagnostics));
+        }
         // Cross-file checks.
         let mut names = HashMap::new();
         for (queue, location) in &queues {

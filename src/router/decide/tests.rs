@@ -382,6 +382,21 @@ fn signal_tables_are_validated() {
     assert!(errors.contains("language `klingon`"), "{errors}");
 }
 
+/// A file that does not parse is reported once: its queues are not also reported missing.
+#[test]
+fn an_unreadable_file_is_its_only_error() {
+    let errors = RuleSet::from_sources(&[(
+        "a.toml".into(),
+        "[[queue]]\nname = \"general\"\ndefault = true\n\n[[test]]\nname = \"t\"\ntext = \"hi\"\nexpect.queue = \"general\"\ncolour = \"blue\"\n"
+            .into(),
+    )])
+    .unwrap_err();
+    let text = errors.to_string();
+    assert!(text.contains("unknown field `colour`"), "{text}");
+    assert!(!text.contains("no [[queue]]"), "{text}");
+    assert_eq!(text.lines().count(), 1, "{text}");
+}
+
 #[test]
 fn a_closed_queue_hands_over_to_its_after_hours_queue_or_keeps_waiting() {
     let rules = RuleSet::from_sources(&[(
