@@ -518,9 +518,6 @@ impl RuleSet {
             }
         }
 
-        if unreadable {
-            return Err(Diagnostics(diagnostics));
-        }
         // Cross-file checks.
         let mut names = HashMap::new();
         for (queue, location) in &queues {
@@ -532,7 +529,7 @@ impl RuleSet {
             }
         }
         for (target, location, key) in &queue_refs {
-            if !names.contains_key(target) {
+            if !names.contains_key(target) && !unreadable {
                 diagnostics.push(location.diagnostic(format!(
                     "{key} names queue `{target}`, which no [[queue]] defines"
                 )));
@@ -570,6 +567,7 @@ impl RuleSet {
         let defaults: Vec<&(Queue, Location)> = queues.iter().filter(|(q, _)| q.default).collect();
         match defaults.as_slice() {
             [_] => {}
+            [] if unreadable => {}
             [] => diagnostics.push(Diagnostic {
                 file: files
                     .first()
