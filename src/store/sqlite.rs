@@ -102,6 +102,7 @@ impl SqliteStore {
         // writer still checkpoints itself past 16,384 pages (64 MiB): the WAL stays bounded.
         let writer = SqlitePoolOptions::new()
             .test_before_acquire(false)
+            .before_acquire(|connection, _| Box::pin(out_of_transaction(connection)))
             .max_connections(1)
             .connect_with(options.clone().pragma("wal_autocheckpoint", "16384"))
             .await
@@ -111,6 +112,7 @@ impl SqliteStore {
             .await?;
         let pool = SqlitePoolOptions::new()
             .test_before_acquire(false)
+            .before_acquire(|connection, _| Box::pin(out_of_transaction(connection)))
             .max_connections(4)
             .connect_with(options)
             .await
@@ -511,6 +513,28 @@ impl Drop for SqliteStore {
 /// generation pages), plus about one per message (~4.4 KB).
 const PAGES_PER_BATCH: u64 = 8;
 const PAGES_PER_MESSAGE: u64 = 1;
+
+/// Whether a pooled connection may be handed out: not if it is still inside a transaction.
+/// A transaction dropped after an error is rolled back on the connection's thread; when that
+/// rollback fails too (SQLite ends the transaction itself on some I/O errors, as when the disk
+/// is full, and the ROLLBACK then fails), sqlx still counts the connection as inside it, and
+/// every later `BEGIN` on it fails: the router would retry its batch forever. Such a connection
+/// is closed and the pool opens a new one. The check costs nothing when not in a transaction;
+/// otherwise a ping first lets a rollback still queued on the connection's thread finish.
+async fn out_of_transaction(connection: &mut SqliteConnection) -> Result<bool, sqlx::Error> {
+    use sqlx::Connection as _;
+    if !connection.is_in_transaction() {
+        return Ok(true);
+    }
+    connection.ping().await?;
+    if connection.is_in_transaction() {
+        tracing::warn!(
+            "A store connection was left inside a failed transaction; opening a new one."
+        );
+        return Ok(false);
+    }
+    Ok(true)
+}
 
 /// Estimated WAL pages between two background checkpoints: 32 MiB, half the writer's own
 /// threshold. Larger checkpoints copy a page rewritten by many batches once and are rarer, but
@@ -1322,6 +1346,27 @@ mod tests {
             query.bind(assignment)
         };
         query.execute(&store.writer).await.unwrap();
+    }
+
+    /// A transaction SQLite ended by itself (as on a full disk) cannot be rolled back, and
+    /// sqlx then counts its connection as still inside it: every later `BEGIN` on it failed,
+    /// and the router retried its batch forever. The pool now replaces such a connection.
+    #[tokio::test]
+    async fn a_connection_left_in_a_failed_transaction_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let store = SqliteStore::open(&url).await.unwrap();
+        {
+            let mut tx = store.writer.begin_with("BEGIN IMMEDIATE").await.unwrap();
+            // SQLite's transaction ends behind sqlx's back; the rollback on drop then fails.
+            sqlx::query("ROLLBACK").execute(&mut *tx).await.unwrap();
+        }
+        for _ in 0..3 {
+            let tx = store.writer.begin_with("BEGIN IMMEDIATE").await;
+            let mut tx = tx.expect("a connection that can begin");
+            sqlx::query("SELECT 1").execute(&mut *tx).await.unwrap();
+            tx.commit().await.unwrap();
+        }
     }
 
     #[tokio::test]
