@@ -82,7 +82,7 @@ pub async fn run(loaded: Loaded, rules_override: Option<PathBuf>) -> anyhow::Res
                 bus_cancel.clone(),
             )
             .await
-            .context("starting the embedded bus")?;
+            .with_context(|| format!("starting the embedded bus in {}", sqlite.path().display()))?;
             info!(data = %sqlite.path().display(), "Mode: single node, embedded bus in the store (no broker).");
             let store: Arc<dyn Store> = Arc::new(sqlite);
             (store, Bus::Embedded(bus))
