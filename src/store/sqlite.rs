@@ -42,6 +42,8 @@ pub struct SqliteStore {
     /// WAL pages (estimated) written since the checkpointer last ran (see [`checkpoint_wal`]).
     unchecked: std::sync::Arc<std::sync::atomic::AtomicU64>,
     path: PathBuf,
+    /// The database file as opened ([`file_identity`]).
+    file: Option<(u64, u64)>,
     /// A closed conversation the customer writes to again within this long is reopened.
     reopen_window_ms: i64,
     /// Earlier messages each decision sees in `history`.
@@ -118,6 +120,7 @@ impl SqliteStore {
             .await
             .map_err(open_error)?;
         let path = std::fs::canonicalize(&path).unwrap_or(path);
+        let file = file_identity(&path);
         let unchecked = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let checkpointer = tokio::spawn(checkpoint_wal(pool.clone(), unchecked.clone()));
         Ok(Self {
@@ -128,6 +131,7 @@ impl SqliteStore {
             checkpointer,
             unchecked,
             path,
+            file,
             reopen_window_ms: i64::try_from(super::DEFAULT_REOPEN_WINDOW.as_millis())
                 .unwrap_or(i64::MAX),
             history: super::DEFAULT_HISTORY,
@@ -491,6 +495,16 @@ impl Store for SqliteStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
+        // The open connections keep writing to a file that was deleted or replaced: nothing
+        // would say so, and what they write is gone at the next start.
+        if file_identity(&self.path) != self.file {
+            return Err(StoreError::DataDir {
+                url: self.path.display().to_string(),
+                message: "the database file was deleted or replaced while the daemon ran: \
+                          restart the daemon (it keeps writing to the old file until then)"
+                    .to_owned(),
+            });
+        }
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
     }
@@ -534,6 +548,12 @@ async fn out_of_transaction(connection: &mut SqliteConnection) -> Result<bool, s
         return Ok(false);
     }
     Ok(true)
+}
+
+/// The device and inode of the file at `path`: `None` once it is gone.
+fn file_identity(path: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 /// Estimated WAL pages between two background checkpoints: 32 MiB, half the writer's own
@@ -1346,6 +1366,22 @@ mod tests {
             query.bind(assignment)
         };
         query.execute(&store.writer).await.unwrap();
+    }
+
+    /// A database file deleted or replaced under the running daemon makes it unready.
+    #[tokio::test]
+    async fn a_deleted_database_file_is_not_ready() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let store = SqliteStore::open(&format!("sqlite://{}", path.display()))
+            .await
+            .unwrap();
+        store.ping().await.unwrap();
+        std::fs::rename(&path, dir.path().join("moved.db")).unwrap();
+        let error = store.ping().await.unwrap_err().to_string();
+        assert!(error.contains("deleted or replaced"), "{error}");
+        std::fs::write(&path, b"").unwrap();
+        assert!(store.ping().await.is_err(), "another file in its place");
     }
 
     /// A transaction SQLite ended by itself (as on a full disk) cannot be rolled back, and
