@@ -87,6 +87,15 @@ async fn claim_api_refuses_bad_requests(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(response.status(), 404);
+    // A name no queue can have (AMQP names end at 255 bytes) is unknown, nothing more.
+    let response = daemon
+        .http
+        .post(daemon.url(&format!("/api/v1/queues/{}/claim", "q".repeat(300))))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
     for (query, names) in [
         ("wait=-1", "`wait` must be between 0 and 60 seconds"),
         ("wait=999", "`wait` must be between 0 and 60 seconds"),

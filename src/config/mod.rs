@@ -18,6 +18,9 @@ pub use load::{Loaded, Problem, Problems, load, load_text};
 /// Where the configuration file is looked for when `-c` is not given, in order.
 pub const DEFAULT_PATHS: &[&str] = &["switchboard.toml", "/etc/switchboard/switchboard.toml"];
 
+/// The longest `[bus] prefix` and channel id: with a queue name (at most 64 bytes) or a
+/// channel kind they make AMQP names and routing keys, which end at 255 bytes.
+const MAX_PREFIX: usize = 64;
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Config {
@@ -209,6 +212,7 @@ impl Config {
             ));
         }
         let prefix_ok = !self.bus.prefix.is_empty()
+            && self.bus.prefix.len() <= MAX_PREFIX
             && self
                 .bus
                 .prefix
@@ -217,7 +221,7 @@ impl Config {
         if !prefix_ok {
             problems.push((
                 "bus.prefix".to_owned(),
-                "must be non-empty ASCII letters, digits, '-', '_' or '.'".to_owned(),
+                format!("must be 1 to {MAX_PREFIX} ASCII letters, digits, '-', '_' or '.'"),
             ));
         }
         if self.bus.prefetch == 0 {
@@ -278,6 +282,7 @@ impl Config {
         let mut seen = std::collections::HashSet::new();
         for (index, channel) in self.channels.iter().enumerate() {
             let valid_id = !channel.id.is_empty()
+                && channel.id.len() <= MAX_PREFIX
                 && channel
                     .id
                     .chars()
@@ -285,7 +290,7 @@ impl Config {
             if !valid_id {
                 problems.push((
                     format!("channels.{index}.id"),
-                    "must be non-empty ASCII letters, digits, '-' or '_'".to_owned(),
+                    format!("must be 1 to {MAX_PREFIX} ASCII letters, digits, '-' or '_'"),
                 ));
             }
             if !seen.insert(channel.id.as_str()) {

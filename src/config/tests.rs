@@ -272,6 +272,27 @@ fn semantic_problems_are_all_reported() {
     );
 }
 
+/// Names of exchanges and queues end at 255 bytes: a longer prefix is refused here rather
+/// than failing every declare.
+#[test]
+fn a_prefix_is_at_most_64_bytes() {
+    let long = "p".repeat(65);
+    let errors = problems(&format!("[bus]\nprefix = \"{long}\"\n"), &[]);
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].contains("must be 1 to 64"), "{errors:?}");
+    assert!(load_str(&format!("[bus]\nprefix = \"{}\"\n", &long[1..]), &[]).is_ok());
+    let errors = problems(
+        &format!("[[channels]]\nid = \"{long}\"\nkind = \"webchat\"\n"),
+        &[],
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("channels.0.id") && e.contains("1 to 64")),
+        "{errors:?}"
+    );
+}
+
 #[test]
 fn shipped_example_config_loads() {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("deploy/switchboard.example.toml");

@@ -211,7 +211,9 @@ pub async fn claim(
         }
     };
     // A queue a reload removed can still be emptied: nothing is left stranded in it.
-    if state.rules.load().queue(&queue).is_none() && !state.bus.holds(&queue).await {
+    if state.rules.load().queue(&queue).is_none()
+        && !(crate::router::rules::valid_queue_name(&queue) && state.bus.holds(&queue).await)
+    {
         return error(
             StatusCode::NOT_FOUND,
             "unknown_queue",

@@ -378,7 +378,7 @@ impl RuleSet {
                 }
                 if !valid_queue_name(&def.name) {
                     diagnostics.push(location.diagnostic(format!(
-                        "queue name `{}` must be ASCII letters, digits, '-' or '_'",
+                        "queue name `{}` must be 1 to {MAX_QUEUE_NAME} ASCII letters, digits, '-' or '_'",
                         def.name
                     )));
                 }
@@ -706,8 +706,13 @@ fn unknown_variables(program: &cel::Program, source: &str) -> Vec<String> {
     unknown
 }
 
-fn valid_queue_name(name: &str) -> bool {
+/// The longest queue name: AMQP names (`<prefix>.queue.<name>`) end at 255 bytes.
+pub const MAX_QUEUE_NAME: usize = 64;
+
+/// 1 to [`MAX_QUEUE_NAME`] ASCII letters, digits, `-` or `_`.
+pub fn valid_queue_name(name: &str) -> bool {
     !name.is_empty()
+        && name.len() <= MAX_QUEUE_NAME
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))

@@ -382,6 +382,22 @@ fn signal_tables_are_validated() {
     assert!(errors.contains("language `klingon`"), "{errors}");
 }
 
+/// Queue names become AMQP names, which end at 255 bytes.
+#[test]
+fn a_queue_name_is_at_most_64_bytes() {
+    let queues = |name: &str| {
+        vec![(
+            "q.toml".to_owned(),
+            format!("[[queue]]\nname = \"{name}\"\ndefault = true\n"),
+        )]
+    };
+    let errors = RuleSet::from_sources(&queues(&"q".repeat(65)))
+        .unwrap_err()
+        .to_string();
+    assert!(errors.contains("must be 1 to 64"), "{errors}");
+    assert!(RuleSet::from_sources(&queues(&"q".repeat(64))).is_ok());
+}
+
 /// A file that does not parse is reported once: its queues are not also reported missing.
 #[test]
 fn an_unreadable_file_is_its_only_error() {
