@@ -21,6 +21,7 @@ pub const DEFAULT_PATHS: &[&str] = &["switchboard.toml", "/etc/switchboard/switc
 /// The longest `[bus] prefix` and channel id: with a queue name (at most 64 bytes) or a
 /// channel kind they make AMQP names and routing keys, which end at 255 bytes.
 const MAX_PREFIX: usize = 64;
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Config {
