@@ -42,9 +42,9 @@ pub(super) struct Batch<'m> {
     customers: HashMap<String, CustomerState>,
     /// By customer id: the conversation the customer's next message continues.
     conversations: HashMap<String, ConversationState>,
-    /// By `(channel id, thread key)`: the conversation of that thread's latest message, and
-    /// its customer. A reply in the thread continues it (reopening it if need be).
-    /// `(channel id, thread key)` → the customer, whether the conversation is open, and it.
+    /// By `(channel id, thread key)`: the conversation of that thread's latest message, its
+    /// customer, and whether it is open. A reply in the thread continues it (reopening it if
+    /// need be).
     threads: HashMap<(String, String), (String, bool, LoadedConversation)>,
     /// Conversations a thread reply took the place of after this batch changed them: still
     /// written.
